@@ -1,0 +1,209 @@
+"""`svcnet agent`: the per-host daemon.
+
+It owns this node's sandboxes and the lease their endpoints are written under, keeps one
+watch on the registry (the View), converges the host to the View (a bridge per network,
+isolation and NAT rules) in a coalescing sync loop, and serves the CLI's API on a unix
+socket. Stopping it leaves sandboxes and their processes running; their endpoints stay in
+the registry for one lease TTL and are re-asserted when the agent comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__, firewall, netlink
+from .api import ApiServer
+from .errors import EtcdUnavailableError
+from .etcd import TRANSIENT_ERRORS, connect
+from .keys import KeyLayout
+from .lease import LeaseKeeper
+from .model import Node
+from .registry import Registry
+from .sandbox import SandboxManager, SandboxSpec
+from .view import View
+from .watch import ViewWatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    etcd: str
+    prefix: str
+    node: str
+    state_dir: Path
+    lease_ttl: int = 10
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "agent.sock"
+
+
+class HostSync:
+    """Converge bridges and firewall rules to the View's networks, coalescing changes."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._latest: View | None = None
+        self._dirty = asyncio.Event()
+        self._applied: dict = {}
+        self.syncs = 0
+        self.last_duration = 0.0
+
+    def on_view(self, view: View) -> None:
+        self._latest = view
+        self._dirty.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            view = self._latest
+            if view is None or dict(view.networks) == self._applied:
+                continue
+            started = time.perf_counter()
+            try:
+                await asyncio.to_thread(self._apply, dict(view.networks))
+            except Exception:
+                log.exception("host sync failed, retrying revision=%s", view.revision)
+                await asyncio.sleep(1)
+                self._dirty.set()
+                continue
+            self.syncs += 1
+            self.last_duration = time.perf_counter() - started
+            log.info("host synced revision=%s networks=%d took_ms=%.1f",
+                     view.revision, len(view.networks), self.last_duration * 1000)
+
+    def _apply(self, networks: dict) -> None:
+        present = netlink.list_bridges(self.prefix)
+        for name, network in networks.items():
+            if name not in present or self._applied.get(name) != network:
+                netlink.ensure_bridge(self.prefix, network)
+        for name, bridge in present.items():
+            if name not in networks:
+                netlink.remove_link(bridge.ifname)
+                log.info("bridge removed network=%s bridge=%s", name, bridge.ifname)
+        firewall.sync(self.prefix, networks.values())
+        self._applied = networks
+
+
+def _enable_forwarding() -> None:
+    # Sandboxes on non-internal networks reach beyond the host through it, as with Docker.
+    try:
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    except OSError as exc:
+        log.warning("cannot enable ip_forward error=%s", exc)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.keys = KeyLayout(config.prefix)
+        self.started_at = time.time()
+
+    async def run(self) -> None:
+        config = self.config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        client = await self._connect()
+        registry = Registry(client, self.keys)
+        self.watcher = ViewWatcher(client, self.keys)
+        self.sandboxes = SandboxManager(registry, self.keys.prefix, config.node, config.state_dir)
+        self.sandboxes.load()
+        self.lease = LeaseKeeper(client, config.lease_ttl, self._on_new_lease)
+        self.registry = registry
+        self.host_sync = HostSync(self.keys.prefix)
+        self.watcher.subscribe(self.host_sync.on_view)
+        _enable_forwarding()
+
+        api = ApiServer()
+        api.route("GET", "/v1/info", self._info)
+        api.route("GET", "/v1/sandboxes", self._list)
+        api.route("POST", "/v1/sandboxes", self._create)
+        api.route("GET", "/v1/sandboxes/(?P<name>[^/]+)", self._get)
+        api.route("DELETE", "/v1/sandboxes/(?P<name>[^/]+)", self._remove)
+
+        tasks = [
+            asyncio.create_task(self.watcher.run(), name="watch"),
+            asyncio.create_task(self.lease.run(), name="lease"),
+            asyncio.create_task(self.host_sync.run(), name="host-sync"),
+            asyncio.create_task(self._reap(), name="reap"),
+        ]
+        await self.lease.current()
+        await self.watcher.ready()
+        await api.start(config.socket_path)
+        (config.state_dir / "agent.pid").write_text(str(os.getpid()))
+        log.info("agent ready node=%s prefix=%s socket=%s sandboxes=%d",
+                 config.node, self.keys.prefix, config.socket_path, len(self.sandboxes.records))
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        crashed = asyncio.ensure_future(asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION))
+        await asyncio.wait([crashed, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        await api.close()
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception():
+                log.error("agent task failed task=%s error=%r", task.get_name(), task.exception())
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.close()
+        config.socket_path.unlink(missing_ok=True)
+        log.info("agent stopped node=%s", config.node)
+
+    async def _connect(self):
+        delay = 0.2
+        while True:
+            try:
+                return await connect(self.config.etcd)
+            except EtcdUnavailableError as exc:
+                log.warning("waiting for etcd retry_in=%.1fs error=%s", delay, str(exc).replace(" ", "_")[:120])
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _on_new_lease(self, lease: int) -> None:
+        await self.registry.register_node(Node(self.config.node, self.started_at, __version__), lease)
+        await self.sandboxes.reassert(lease)
+
+    async def _reap(self) -> None:
+        while True:
+            self.sandboxes.reap()
+            await asyncio.sleep(0.5)
+
+    # ---- API handlers ---------------------------------------------------------------
+
+    async def _info(self, body, match) -> dict:
+        view = self.watcher.view
+        return {
+            "node": self.config.node, "prefix": self.keys.prefix, "etcd": self.config.etcd,
+            "pid": os.getpid(), "version": __version__, "view_revision": view.revision,
+            "etcd_connected": self.watcher.connected, "sandboxes": len(self.sandboxes.records),
+            "state_dir": str(self.config.state_dir),
+        }
+
+    async def _list(self, body, match) -> list:
+        return [r.to_dict() for r in sorted(self.sandboxes.records.values(), key=lambda r: r.name)]
+
+    async def _get(self, body, match) -> dict:
+        return self.sandboxes.get(match["name"]).to_dict()
+
+    async def _create(self, body, match) -> dict:
+        spec = SandboxSpec.from_dict(body)
+        try:
+            record = await self.sandboxes.create(spec, await self.lease.current())
+        except TRANSIENT_ERRORS as exc:
+            raise EtcdUnavailableError(f"etcd is unreachable, cannot register {spec.name!r}: {type(exc).__name__}") from None
+        return record.to_dict()
+
+    async def _remove(self, body, match) -> dict:
+        try:
+            await self.sandboxes.remove(match["name"])
+        except TRANSIENT_ERRORS as exc:
+            raise EtcdUnavailableError(f"etcd is unreachable, cannot deregister: {type(exc).__name__}") from None
+        return {"removed": match["name"].lower()}

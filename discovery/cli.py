@@ -1,0 +1,465 @@
+"""The `svcnet` command line.
+
+Cluster-wide objects (networks, services) are written to etcd directly; anything on this
+host (sandboxes) goes through the local agent's API, which is started on demand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import __version__, log
+from .api import ApiClient
+from .errors import AgentUnavailableError, SvcnetError
+from .etcd import connect
+from .etcd_local import ensure_local_etcd
+from .keys import KeyLayout
+from .model import Network, PortSpec, Service
+from .registry import Registry
+
+DEFAULT_STATE_DIR = "/var/lib/svcnet"
+
+MAIN_EPILOG = """\
+examples:
+  svcnet network create front --subnet 10.10.0.0/24
+  svcnet service create web --network front --publish 8080:80
+  svcnet run -d --name web1 --network front --service web -- python3 -m http.server 80
+  svcnet exec web1 -- ip addr
+  svcnet ps
+  svcnet rm web1
+
+With no --etcd, svcnet starts (and then reuses) a single-member etcd under --state-dir.
+Commands on this host's sandboxes go through `svcnet agent`, started on demand.
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("global options")
+    group.add_argument("--etcd", metavar="URL[,URL...]", default=default(os.environ.get("SVCNET_ETCD")),
+                       help="etcd endpoints (env SVCNET_ETCD); default: a local etcd under --state-dir")
+    group.add_argument("--prefix", default=default(os.environ.get("SVCNET_PREFIX", "/svcnet")),
+                       help="etcd key prefix (env SVCNET_PREFIX; default /svcnet)")
+    group.add_argument("--node", default=default(os.environ.get("SVCNET_NODE", socket.gethostname())),
+                       help="this node's name (env SVCNET_NODE; default: the hostname)")
+    group.add_argument("--state-dir", type=Path,
+                       default=default(Path(os.environ.get("SVCNET_STATE_DIR", DEFAULT_STATE_DIR))),
+                       help=f"local state: agent socket, sandboxes, local etcd (env SVCNET_STATE_DIR; default {DEFAULT_STATE_DIR})")
+    group.add_argument("--log-level", default=default(os.environ.get("SVCNET_LOG_LEVEL", "warning")),
+                       choices=["debug", "info", "warning", "error"], help="log verbosity (default warning)")
+
+
+def _command(sub, name: str, help_text: str, example: str, func) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter,
+                            epilog=f"example:\n  {example}")
+    _global_options(parser, suppress=True)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _format_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=["table", "json"], default="table", help="output format")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svcnet",
+        description="Service discovery and virtual-IP load balancing for containers, on etcd.",
+        formatter_class=_Formatter, epilog=MAIN_EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"svcnet {__version__}")
+    _global_options(parser, suppress=False)
+    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    top.required = True
+
+    network = top.add_parser("network", help="create, list, inspect and remove networks",
+                             description="Networks are cluster-wide: stored in etcd, a bridge on each node.")
+    network_sub = network.add_subparsers(dest="action", metavar="ACTION")
+    network_sub.required = True
+    p = _command(network_sub, "create", "create a network",
+                 "svcnet network create front --subnet 10.10.0.0/24 --subnet6 fd00:10::/64", cmd_network_create)
+    p.add_argument("name", help="network name (a DNS label)")
+    p.add_argument("--subnet", required=True, help="IPv4 subnet in CIDR form, e.g. 10.10.0.0/24")
+    p.add_argument("--subnet6", help="optional IPv6 subnet, e.g. fd00:10::/64")
+    p.add_argument("--gateway", help="IPv4 gateway (default: the first address of the subnet)")
+    p.add_argument("--internal", action="store_true", help="no traffic in or out of the network beyond its members")
+    p.add_argument("--driver", default="bridge", help="network driver (default bridge)")
+    p = _command(network_sub, "ls", "list networks", "svcnet network ls --format json", cmd_network_ls)
+    _format_option(p)
+    p = _command(network_sub, "inspect", "show one network with its endpoints", "svcnet network inspect front",
+                 cmd_network_inspect)
+    p.add_argument("name")
+    _format_option(p)
+    p = _command(network_sub, "rm", "remove a network (refused while anything is attached)",
+                 "svcnet network rm front", cmd_network_rm)
+    p.add_argument("name")
+
+    service = top.add_parser("service", help="create, list, inspect and remove services",
+                             description="A service gives its tasks one name and (mode vip) one VIP per network.")
+    service_sub = service.add_subparsers(dest="action", metavar="ACTION")
+    service_sub.required = True
+    p = _command(service_sub, "create", "create a service",
+                 "svcnet service create web --network front --publish 8080:80 --publish 53:53/udp,mode=host",
+                 cmd_service_create)
+    p.add_argument("name")
+    p.add_argument("--network", action="append", required=True, help="network the service is on (repeatable)")
+    p.add_argument("--endpoint-mode", choices=["vip", "dnsrr"], default="vip",
+                   help="vip: the name resolves to one virtual IP (default); dnsrr: to the task IPs")
+    p.add_argument("--alias", action="append", default=[], help="another DNS name for the service (repeatable)")
+    p.add_argument("--publish", action="append", default=[], metavar="PUBLISHED:TARGET[/udp][,mode=host]",
+                   help="publish a port (repeatable); TARGET alone declares a port without publishing it")
+    p = _command(service_sub, "ls", "list services", "svcnet service ls", cmd_service_ls)
+    _format_option(p)
+    p = _command(service_sub, "inspect", "show one service with its tasks", "svcnet service inspect web",
+                 cmd_service_inspect)
+    p.add_argument("name")
+    _format_option(p)
+    p = _command(service_sub, "rm", "remove a service (refused while it has tasks)", "svcnet service rm web",
+                 cmd_service_rm)
+    p.add_argument("name")
+
+    p = _command(top, "run", "create a sandbox on networks and run a command in it",
+                 "svcnet run -d --name web1 --network front --service web --alias www -- python3 -m http.server 80",
+                 cmd_run)
+    _sandbox_options(p)
+    p.add_argument("--hostname", help="hostname inside the sandbox (default: --name)")
+    p.add_argument("--ip", help="IPv4 address on the first network (default: the next free one)")
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="leave the sandbox running in the background (the agent starts COMMAND); "
+                        "without it COMMAND runs in the foreground and the sandbox is removed when it exits")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+
+    p = _command(top, "attach", "attach an existing network namespace (a container made elsewhere)",
+                 "svcnet attach --netns /proc/4242/ns/net --name db --network back", cmd_attach)
+    p.add_argument("--netns", required=True, help="path of the netns, e.g. /proc/PID/ns/net or /run/netns/NAME")
+    _sandbox_options(p)
+    p.add_argument("--ip", help="IPv4 address on the first network")
+
+    p = _command(top, "exec", "run a command inside a sandbox", "svcnet exec web1 -- ip addr", cmd_exec)
+    p.add_argument("name")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+
+    p = _command(top, "ps", "list this node's sandboxes", "svcnet ps --format json", cmd_ps)
+    _format_option(p)
+
+    p = _command(top, "rm", "remove sandboxes: process, veths, netns and registry entries",
+                 "svcnet rm web1 web2", cmd_rm)
+    p.add_argument("names", nargs="+")
+
+    p = _command(top, "agent", "run the per-host agent in the foreground",
+                 "svcnet --log-level info agent --lease-ttl 10", cmd_agent)
+    p.add_argument("--lease-ttl", type=int, default=10,
+                   help="seconds a dead agent's endpoints stay in the registry (default 10)")
+    return parser
+
+
+def _sandbox_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", required=True, help="container name (a DNS label, unique per network)")
+    parser.add_argument("--network", action="append", required=True,
+                        help="network to attach to (repeatable; the first holds the default route)")
+    parser.add_argument("--service", help="make this sandbox a task of SERVICE")
+    parser.add_argument("--alias", action="append", default=[], help="extra DNS name on every network (repeatable)")
+
+
+# ---- plumbing --------------------------------------------------------------------------
+
+
+def _etcd_url(args) -> str:
+    if args.etcd:
+        return args.etcd
+    return ensure_local_etcd(args.state_dir)
+
+
+def _with_registry(args, action):
+    async def run():
+        client = await connect(_etcd_url(args))
+        try:
+            return await action(Registry(client, KeyLayout(args.prefix)))
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
+def _agent(args) -> ApiClient:
+    """A client for the local agent, starting the agent if it is not running."""
+    client = ApiClient(args.state_dir / "agent.sock")
+    try:
+        info = client.call("GET", "/v1/info")
+    except AgentUnavailableError:
+        info = _start_agent(args, client)
+    expected = KeyLayout(args.prefix).prefix
+    if info["prefix"] != expected:
+        raise SvcnetError(
+            f"the agent at {client.socket_path} serves prefix {info['prefix']}, not {expected}; "
+            "use another --state-dir to run a second agent"
+        )
+    return client
+
+
+def _start_agent(args, client: ApiClient, timeout: float = 30.0) -> dict:
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "discovery.cli", "--etcd", _etcd_url(args), "--prefix", args.prefix,
+            "--node", args.node, "--state-dir", str(args.state_dir), "--log-level", "info", "agent"]
+    log_path = args.state_dir / "agent.log"
+    with open(log_path, "ab") as output:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                   start_new_session=True)
+    print(f"svcnet: started the agent (pid {process.pid}, log {log_path})", file=sys.stderr)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AgentUnavailableError(f"the agent exited with code {process.returncode}; see {log_path}")
+        try:
+            return client.call("GET", "/v1/info")
+        except AgentUnavailableError:
+            time.sleep(0.1)
+    raise AgentUnavailableError(f"the agent did not come up within {timeout:.0f}s; see {log_path}")
+
+
+def _print(rows: list[dict], columns: list[tuple[str, str]], fmt: str, raw: object) -> None:
+    if fmt == "json":
+        print(json.dumps(raw, indent=2, sort_keys=True))
+        return
+    table = [[h for h, _ in columns]] + [[str(row.get(key, "") if row.get(key) is not None else "")
+                                          for _, key in columns] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
+
+
+def _strip_dashdash(command: list[str]) -> list[str]:
+    return command[1:] if command[:1] == ["--"] else command
+
+
+# ---- networks --------------------------------------------------------------------------
+
+
+def cmd_network_create(args) -> int:
+    network = Network.create(args.name, args.subnet, args.subnet6, args.gateway, args.internal, args.driver)
+    _with_registry(args, lambda r: r.create_network(network))
+    print(network.name)
+    return 0
+
+
+def cmd_network_ls(args) -> int:
+    async def action(registry):
+        _, networks = await registry.list_networks()
+        return networks
+    networks = sorted(_with_registry(args, action), key=lambda n: n.name)
+    rows = [dict(n.to_dict(), internal="yes" if n.internal else "no") for n in networks]
+    _print(rows, [("NAME", "name"), ("DRIVER", "driver"), ("SUBNET", "subnet"), ("GATEWAY", "gateway"),
+                  ("SUBNET6", "subnet6"), ("INTERNAL", "internal")], args.format, [n.to_dict() for n in networks])
+    return 0
+
+
+def cmd_network_inspect(args) -> int:
+    async def action(registry):
+        network = await registry.get_network(args.name)
+        endpoints = await registry.list_endpoints(network.name)
+        services = [s for s in await registry.list_services() if network.name in s.networks]
+        return network, endpoints, services
+    network, endpoints, services = _with_registry(args, action)
+    data = network.to_dict()
+    data["endpoints"] = [e.to_dict() for e in sorted(endpoints, key=lambda e: e.container)]
+    data["services"] = {s.name: str(s.vips.get(network.name) or s.endpoint_mode) for s in services}
+    if args.format == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    for key in ("name", "driver", "subnet", "gateway", "subnet6", "gateway6", "internal"):
+        print(f"{key + ':':10} {data[key]}")
+    print("services:")
+    for name, vip in sorted(data["services"].items()):
+        print(f"  {name:20} {vip}")
+    print("endpoints:")
+    for endpoint in data["endpoints"]:
+        print(f"  {endpoint['container']:20} {endpoint['ipv4']:16} {endpoint['ipv6'] or '':24} "
+              f"node={endpoint['node']} health={endpoint['health']}")
+    return 0
+
+
+def cmd_network_rm(args) -> int:
+    _with_registry(args, lambda r: r.remove_network(args.name))
+    print(args.name.lower())
+    return 0
+
+
+# ---- services --------------------------------------------------------------------------
+
+
+def cmd_service_create(args) -> int:
+    ports = tuple(PortSpec.parse(text) for text in args.publish)
+    service = Service(args.name, tuple(args.network), args.endpoint_mode, tuple(args.alias), ports)
+    stored = _with_registry(args, lambda r: r.create_service(service))
+    vips = " ".join(f"{net}={ip}" for net, ip in stored.vips.items())
+    print(f"{stored.name} {vips}".rstrip())
+    return 0
+
+
+def _service_row(service: Service) -> dict:
+    return {
+        "name": service.name, "mode": service.endpoint_mode, "networks": ",".join(service.networks),
+        "vips": ",".join(f"{n}={ip}" for n, ip in service.vips.items()) or "-",
+        "ports": ",".join(str(p) for p in service.ports) or "-",
+        "aliases": ",".join(service.aliases) or "-",
+    }
+
+
+def cmd_service_ls(args) -> int:
+    services = sorted(_with_registry(args, lambda r: r.list_services()), key=lambda s: s.name)
+    _print([_service_row(s) for s in services],
+           [("NAME", "name"), ("MODE", "mode"), ("NETWORKS", "networks"), ("VIPS", "vips"),
+            ("PORTS", "ports"), ("ALIASES", "aliases")], args.format, [s.to_dict() for s in services])
+    return 0
+
+
+def cmd_service_inspect(args) -> int:
+    async def action(registry):
+        service = await registry.get_service(args.name)
+        tasks = [e for e in await registry.list_endpoints() if e.service == service.name]
+        return service, tasks
+    service, tasks = _with_registry(args, action)
+    data = service.to_dict()
+    data["tasks"] = [t.to_dict() for t in sorted(tasks, key=lambda t: (t.container, t.network))]
+    if args.format == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    for key, value in _service_row(service).items():
+        print(f"{key + ':':10} {value}")
+    print("tasks:")
+    for task in data["tasks"]:
+        print(f"  {task['container']:20} {task['network']:12} {task['ipv4']:16} node={task['node']} health={task['health']}")
+    return 0
+
+
+def cmd_service_rm(args) -> int:
+    _with_registry(args, lambda r: r.remove_service(args.name))
+    print(args.name.lower())
+    return 0
+
+
+# ---- sandboxes -------------------------------------------------------------------------
+
+
+def _sandbox_body(args, command: list[str], detach: bool, netns: str | None = None) -> dict:
+    return {
+        "name": args.name, "networks": args.network, "service": args.service, "aliases": args.alias,
+        "hostname": getattr(args, "hostname", None), "ip": args.ip, "netns": netns,
+        "command": command, "detach": detach,
+    }
+
+
+def cmd_run(args) -> int:
+    command = _strip_dashdash(args.command)
+    if not command and not args.detach:
+        raise SvcnetError("give a COMMAND after -- (or -d to create an idle sandbox)")
+    agent = _agent(args)
+    record = agent.call("POST", "/v1/sandboxes", _sandbox_body(args, command if args.detach else [], args.detach))
+    if args.detach:
+        print(record["name"])
+        return 0
+    return _run_foreground(agent, record, command)
+
+
+def _exec_argv(record: dict, command: list[str]) -> list[str]:
+    return [sys.executable, "-m", "discovery.nsexec", "--netns", record["netns"],
+            "--resolv-conf", record["files"]["resolv_conf"], "--hosts", record["files"]["hosts"],
+            "--hostname", record["hostname"], "--", *command]
+
+
+def _run_foreground(agent: ApiClient, record: dict, command: list[str]) -> int:
+    """Run COMMAND in the sandbox with our terminal; remove the sandbox when it exits."""
+    process = subprocess.Popen(_exec_argv(record, command))
+    forward = lambda signum, frame: process.send_signal(signum)  # noqa: E731
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        code = process.wait()
+    finally:
+        agent.call("DELETE", f"/v1/sandboxes/{record['name']}")
+    return code if code >= 0 else 128 - code
+
+
+def cmd_attach(args) -> int:
+    agent = _agent(args)
+    record = agent.call("POST", "/v1/sandboxes", _sandbox_body(args, [], False, netns=args.netns))
+    print(record["name"])
+    return 0
+
+
+def cmd_exec(args) -> int:
+    command = _strip_dashdash(args.command)
+    if not command:
+        raise SvcnetError("give a COMMAND after --, e.g. svcnet exec NAME -- ip addr")
+    record = _agent(args).call("GET", f"/v1/sandboxes/{args.name}")
+    if not record["owns_netns"]:
+        os.execvp(sys.executable, [sys.executable, "-m", "discovery.nsexec", "--netns", record["netns"], "--", *command])
+    argv = _exec_argv(record, command)
+    os.execvp(argv[0], argv)
+    return 127  # not reached
+
+
+def cmd_ps(args) -> int:
+    records = _agent(args).call("GET", "/v1/sandboxes")
+    rows = []
+    for record in records:
+        addresses = ",".join(f"{e['network']}={e['ipv4']}" for e in record["endpoints"])
+        rows.append({"name": record["name"], "service": record["service"] or "-", "addresses": addresses,
+                     "status": record["status"], "pid": record["pid"] or "-",
+                     "command": " ".join(record["command"]) or "-"})
+    _print(rows, [("NAME", "name"), ("SERVICE", "service"), ("ADDRESSES", "addresses"), ("STATUS", "status"),
+                  ("PID", "pid"), ("COMMAND", "command")], args.format, records)
+    return 0
+
+
+def cmd_rm(args) -> int:
+    agent = _agent(args)
+    failed = 0
+    for name in args.names:
+        try:
+            agent.call("DELETE", f"/v1/sandboxes/{name}")
+            print(name.lower())
+        except SvcnetError as exc:
+            print(f"svcnet: {exc}", file=sys.stderr)
+            failed = 1
+    return failed
+
+
+def cmd_agent(args) -> int:
+    from .agent import Agent, AgentConfig
+    config = AgentConfig(_etcd_url(args), KeyLayout(args.prefix).prefix, args.node, args.state_dir, args.lease_ttl)
+    asyncio.run(Agent(config).run())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log.setup(args.log_level)
+    if os.geteuid() != 0 and args.func not in (cmd_network_ls, cmd_service_ls):
+        print("svcnet: warning: not running as root; network namespaces and bridges need root", file=sys.stderr)
+    try:
+        return args.func(args)
+    except SvcnetError as exc:
+        print(f"svcnet: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

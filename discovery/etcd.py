@@ -1,0 +1,56 @@
+"""Connecting to etcd: parse ``--etcd`` URLs and open an aetcd client on the first that answers."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+import aetcd
+
+from .errors import EtcdUnavailableError, ValidationError
+
+# Errors that mean "etcd is not there right now": retry later, keep serving what we have.
+TRANSIENT_ERRORS = (
+    aetcd.exceptions.ConnectionFailedError,
+    aetcd.exceptions.ConnectionTimeoutError,
+    aetcd.exceptions.InternalError,
+    aetcd.exceptions.WatchTimeoutError,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+
+def parse_endpoints(text: str) -> list[tuple[str, int]]:
+    """``"http://a:2379,b:2379"`` -> ``[("a", 2379), ("b", 2379)]``."""
+    endpoints = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        parts = urlsplit(item if "://" in item else f"http://{item}")
+        if parts.scheme not in ("http", ""):
+            raise ValidationError(f"etcd URL {item!r}: only http:// is supported")
+        if not parts.hostname:
+            raise ValidationError(f"etcd URL {item!r} has no host; use http://HOST:PORT")
+        try:
+            port = parts.port or 2379
+        except ValueError:
+            raise ValidationError(f"etcd URL {item!r} has a bad port") from None
+        endpoints.append((parts.hostname, port))
+    if not endpoints:
+        raise ValidationError("no etcd URL given; use --etcd http://HOST:2379")
+    return endpoints
+
+
+async def connect(urls: str, timeout: float = 3.0) -> aetcd.Client:
+    """An aetcd client for the first endpoint that answers a status call."""
+    errors = []
+    for host, port in parse_endpoints(urls):
+        client = aetcd.Client(host=host, port=port, timeout=timeout)
+        try:
+            await asyncio.wait_for(client.status(), timeout)
+        except (*TRANSIENT_ERRORS, aetcd.exceptions.ClientError) as exc:
+            errors.append(f"{host}:{port}: {exc or type(exc).__name__}")
+            await client.close()
+            continue
+        return client
+    raise EtcdUnavailableError(
+        "cannot reach etcd at " + "; ".join(errors) + ". Is it running? Check --etcd / SVCNET_ETCD"
+    )

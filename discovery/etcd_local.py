@@ -1,0 +1,145 @@
+"""Start and reuse a local single-member etcd (Debian's ``etcd`` binary).
+
+Used when no ``--etcd`` is given, by the test suite and by the benchmarks: one way to run
+etcd everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EtcdUnavailableError
+
+INSTALL_HINT = (
+    "the etcd binary was not found on PATH; install it with "
+    "'apt-get install etcd-server' (Debian/Ubuntu) or point svcnet at a running "
+    "cluster with --etcd http://HOST:2379"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class EtcdProcess:
+    """One etcd member on loopback with its data in ``data_dir``."""
+
+    data_dir: Path
+    client_port: int
+    peer_port: int
+    pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def start(self, log_path: Path | None = None, timeout: float = 15.0) -> None:
+        binary = shutil.which("etcd")
+        if binary is None:
+            raise EtcdUnavailableError(INSTALL_HINT)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        log = open(log_path or self.data_dir / "etcd.log", "ab")
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--name", "svcnet",
+                "--data-dir", str(self.data_dir / "member-data"),
+                "--listen-client-urls", self.url,
+                "--advertise-client-urls", self.url,
+                "--listen-peer-urls", peer,
+                "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"svcnet={peer}",
+                "--logger", "zap",
+                "--log-outputs", "stderr",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        self.pid = proc.pid
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise EtcdUnavailableError(
+                    f"etcd exited with code {proc.returncode} at start; see {log_path or self.data_dir / 'etcd.log'}"
+                )
+            if port_open(self.client_port):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise EtcdUnavailableError(f"etcd did not listen on {self.url} within {timeout:.0f}s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.pid is None:
+            return
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            self.pid = None
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                done = self.pid if not pid_alive(self.pid) else 0
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(self.pid, signal.SIGKILL)
+        self.pid = None
+
+
+def ensure_local_etcd(state_dir: Path) -> str:
+    """Return the URL of svcnet's own local etcd, starting it if it is not running."""
+    home = state_dir / "etcd"
+    home.mkdir(parents=True, exist_ok=True)
+    meta_path = home / "member.json"
+    meta = {}
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            meta = {}
+    if meta.get("pid") and pid_alive(meta["pid"]) and port_open(meta["client_port"]):
+        return f"http://127.0.0.1:{meta['client_port']}"
+    # Keep the ports we had so a restarted etcd keeps its member URLs.
+    member = EtcdProcess(home, meta.get("client_port") or free_port(), meta.get("peer_port") or free_port())
+    member.start(home / "etcd.log")
+    meta_path.write_text(json.dumps(
+        {"pid": member.pid, "client_port": member.client_port, "peer_port": member.peer_port}
+    ))
+    return member.url

@@ -1,0 +1,65 @@
+"""The etcd key layout, in one place.
+
+All keys live under a prefix (default ``/svcnet``)::
+
+    <prefix>/networks/<network>               Network JSON
+    <prefix>/services/<service>               Service JSON (VIPs included)
+    <prefix>/endpoints/<network>/<container>  Endpoint JSON        (leased by its owner)
+    <prefix>/nodes/<node>                     Node JSON            (leased by its agent)
+    <prefix>/ipam/<network>/<address>         claim of an address  (leased if an endpoint's)
+    <prefix>/names/<network>/<name>           claim of a DNS name  (leased if an endpoint's)
+
+A claim's value is JSON ``{"kind": "container"|"service", "owner": NAME, "as": ROLE}``;
+claims exist so that uniqueness is enforced by etcd transactions (``version == 0``), not
+by a read-then-write race.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("networks", "services", "endpoints", "nodes", "ipam", "names")
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    prefix: str = "/svcnet"
+
+    def __post_init__(self) -> None:
+        prefix = "/" + self.prefix.strip("/")
+        object.__setattr__(self, "prefix", prefix)
+
+    def root(self) -> bytes:
+        return f"{self.prefix}/".encode()
+
+    def kind_prefix(self, kind: str, *parts: str) -> bytes:
+        return "/".join((self.prefix, kind, *parts, "")).encode()
+
+    def network(self, name: str) -> bytes:
+        return f"{self.prefix}/networks/{name}".encode()
+
+    def service(self, name: str) -> bytes:
+        return f"{self.prefix}/services/{name}".encode()
+
+    def endpoint(self, network: str, container: str) -> bytes:
+        return f"{self.prefix}/endpoints/{network}/{container}".encode()
+
+    def node(self, name: str) -> bytes:
+        return f"{self.prefix}/nodes/{name}".encode()
+
+    def address_claim(self, network: str, address) -> bytes:
+        return f"{self.prefix}/ipam/{network}/{address}".encode()
+
+    def name_claim(self, network: str, name: str) -> bytes:
+        return f"{self.prefix}/names/{network}/{name}".encode()
+
+    def split(self, key: bytes) -> tuple[str, tuple[str, ...]] | None:
+        """``b'/svcnet/endpoints/n/c'`` -> ``('endpoints', ('n', 'c'))``; None if foreign."""
+        text = key.decode(errors="replace")
+        root = self.prefix + "/"
+        if not text.startswith(root):
+            return None
+        kind, _, rest = text[len(root):].partition("/")
+        if kind not in KINDS or not rest:
+            return None
+        return kind, tuple(rest.split("/"))

@@ -1,0 +1,410 @@
+"""The data model: networks, services, endpoints and nodes.
+
+Every type is a frozen dataclass that validates itself on creation, so a value that exists
+is a valid value. Each has ``to_dict``/``from_dict`` for its JSON form in etcd; decoding
+runs the same validation, so bad data found in etcd raises ``ValidationError`` with a
+message that names the field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .errors import ValidationError
+
+IPv4Address = ipaddress.IPv4Address
+IPv6Address = ipaddress.IPv6Address
+IPv4Network = ipaddress.IPv4Network
+IPv6Network = ipaddress.IPv6Network
+
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+SUPPORTED_DRIVERS = ("bridge",)  # "overlay" joins when multi-host networking lands
+ENDPOINT_MODES = ("vip", "dnsrr")
+PROTOCOLS = ("tcp", "udp")
+PUBLISH_MODES = ("ingress", "host")
+HEALTH_STATES = ("starting", "healthy", "unhealthy")
+# A sandbox holds at most this many interfaces we name eth0..ethN; generous but bounded.
+MAX_NETWORKS_PER_SANDBOX = 16
+
+
+def normalize_name(name: str, what: str = "name") -> str:
+    """Return ``name`` lower-cased if it is an RFC 1123 label, else raise.
+
+    DNS matching is case-insensitive (RFC 4343), so names are stored lower-case and two
+    names that differ only in case are the same name.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValidationError(f"{what} must not be empty")
+    lowered = name.lower()
+    if len(lowered) > 63:
+        raise ValidationError(
+            f"{what} {name!r} is {len(lowered)} characters; a DNS label holds at most 63"
+        )
+    if not _LABEL.match(lowered):
+        raise ValidationError(
+            f"{what} {name!r} is not a valid DNS label: use letters, digits and '-', "
+            "starting and ending with a letter or digit (RFC 1123)"
+        )
+    return lowered
+
+
+def _names(values: Iterable[str], what: str) -> tuple[str, ...]:
+    seen: list[str] = []
+    for value in values:
+        name = normalize_name(value, what)
+        if name not in seen:
+            seen.append(name)
+    return tuple(seen)
+
+
+def _parse_subnet(text: str, version: int, flag: str, example: str, max_prefix: int):
+    try:
+        iface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise ValidationError(f"{flag} {text!r} is not a CIDR such as {example}") from None
+    if "/" not in text:
+        raise ValidationError(f"{flag} {text!r} needs a prefix length, such as {example}")
+    if iface.version != version:
+        other = "--subnet6" if version == 4 else "--subnet"
+        raise ValidationError(f"{flag} {text!r} is IPv{iface.version}; pass it with {other}")
+    net = iface.network
+    if iface.ip != net.network_address:
+        raise ValidationError(f"{flag} {text!r} has host bits set; did you mean {net}?")
+    if net.prefixlen > max_prefix:
+        raise ValidationError(
+            f"{flag} {net} is too small: use a /{max_prefix} or larger "
+            "(a gateway and some endpoints must fit)"
+        )
+    return net
+
+
+def parse_ipv4_subnet(text: str) -> IPv4Network:
+    return _parse_subnet(text, 4, "subnet", "10.10.0.0/24", 29)
+
+
+def parse_ipv6_subnet(text: str) -> IPv6Network:
+    return _parse_subnet(text, 6, "subnet6", "fd00:10::/64", 120)
+
+
+def first_host(net: IPv4Network | IPv6Network) -> IPv4Address | IPv6Address:
+    return net.network_address + 1
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    subnet: IPv4Network
+    gateway: IPv4Address
+    subnet6: IPv6Network | None = None
+    gateway6: IPv6Address | None = None
+    driver: str = "bridge"
+    internal: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", normalize_name(self.name, "network name"))
+        if self.driver not in SUPPORTED_DRIVERS:
+            raise ValidationError(
+                f"network driver {self.driver!r} is not supported; use one of {', '.join(SUPPORTED_DRIVERS)}"
+            )
+        _check_gateway(self.subnet, self.gateway, "gateway")
+        if (self.subnet6 is None) != (self.gateway6 is None):
+            raise ValidationError("an IPv6 subnet needs an IPv6 gateway and the other way round")
+        if self.subnet6 is not None:
+            _check_gateway(self.subnet6, self.gateway6, "gateway6")
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        subnet: str,
+        subnet6: str | None = None,
+        gateway: str | None = None,
+        internal: bool = False,
+        driver: str = "bridge",
+    ) -> Network:
+        """Build a network from user input; the gateway defaults to the first host address."""
+        net4 = parse_ipv4_subnet(subnet)
+        gw4 = _parse_address(gateway, "gateway") if gateway else first_host(net4)
+        net6 = parse_ipv6_subnet(subnet6) if subnet6 else None
+        gw6 = first_host(net6) if net6 else None
+        return cls(name, net4, gw4, net6, gw6, driver, internal)
+
+    def overlaps(self, other: Network) -> bool:
+        if self.subnet.overlaps(other.subnet):
+            return True
+        return bool(self.subnet6 and other.subnet6 and self.subnet6.overlaps(other.subnet6))
+
+    def reserved(self) -> frozenset:
+        """Addresses IPAM never hands out: network, broadcast and gateways."""
+        addrs = {self.subnet.network_address, self.subnet.broadcast_address, self.gateway}
+        if self.subnet6 is not None:
+            addrs |= {self.subnet6.network_address, self.gateway6}
+        return frozenset(addrs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "subnet": str(self.subnet),
+            "gateway": str(self.gateway),
+            "subnet6": str(self.subnet6) if self.subnet6 else None,
+            "gateway6": str(self.gateway6) if self.gateway6 else None,
+            "driver": self.driver,
+            "internal": self.internal,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Network:
+        return _decode(cls, data, lambda d: cls(
+            name=d["name"],
+            subnet=IPv4Network(d["subnet"]),
+            gateway=IPv4Address(d["gateway"]),
+            subnet6=IPv6Network(d["subnet6"]) if d.get("subnet6") else None,
+            gateway6=IPv6Address(d["gateway6"]) if d.get("gateway6") else None,
+            driver=d.get("driver", "bridge"),
+            internal=bool(d.get("internal", False)),
+        ))
+
+
+def _check_gateway(net, gateway, what: str) -> None:
+    if gateway not in net:
+        raise ValidationError(f"{what} {gateway} is outside the subnet {net}")
+    if gateway == net.network_address or (net.version == 4 and gateway == net.broadcast_address):
+        raise ValidationError(f"{what} {gateway} is the network or broadcast address of {net}")
+
+
+def _parse_address(text: str, what: str):
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ValidationError(f"{what} {text!r} is not an IP address") from None
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    target: int
+    published: int | None = None
+    protocol: str = "tcp"
+    mode: str = "ingress"
+
+    def __post_init__(self) -> None:
+        for what, port in (("target port", self.target), ("published port", self.published)):
+            if port is not None and not (isinstance(port, int) and 1 <= port <= 65535):
+                raise ValidationError(f"{what} {port!r} must be a number from 1 to 65535")
+        if self.protocol not in PROTOCOLS:
+            raise ValidationError(f"protocol {self.protocol!r} must be tcp or udp")
+        if self.mode not in PUBLISH_MODES:
+            raise ValidationError(f"publish mode {self.mode!r} must be ingress or host")
+
+    @classmethod
+    def parse(cls, text: str) -> PortSpec:
+        """Parse ``[PUBLISHED:]TARGET[/udp|/tcp][,mode=host|ingress]``."""
+        usage = f"port {text!r} is not PUBLISHED:TARGET[/udp][,mode=host], e.g. 8080:80 or 53:53/udp"
+        spec, _, options = text.partition(",")
+        mode = "ingress"
+        if options:
+            key, _, value = options.partition("=")
+            if key.strip() != "mode" or not value:
+                raise ValidationError(usage)
+            mode = value.strip()
+        ports, _, protocol = spec.partition("/")
+        protocol = (protocol or "tcp").lower()
+        published_text, sep, target_text = ports.rpartition(":")
+        try:
+            target = int(target_text)
+            published = int(published_text) if sep else None
+        except ValueError:
+            raise ValidationError(usage) from None
+        return cls(target, published, protocol, mode)
+
+    def __str__(self) -> str:
+        text = f"{self.target}/{self.protocol}"
+        if self.published is not None:
+            text = f"{self.published}:{text}"
+            if self.mode == "host":
+                text += ",mode=host"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "published": self.published,
+                "protocol": self.protocol, "mode": self.mode}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PortSpec:
+        return _decode(cls, data, lambda d: cls(
+            int(d["target"]), d.get("published"), d.get("protocol", "tcp"), d.get("mode", "ingress")))
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    networks: tuple[str, ...]
+    endpoint_mode: str = "vip"
+    aliases: tuple[str, ...] = ()
+    ports: tuple[PortSpec, ...] = ()
+    vips: Mapping[str, IPv4Address] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", normalize_name(self.name, "service name"))
+        networks = _names(self.networks, "network name")
+        if not networks:
+            raise ValidationError(f"service {self.name!r} needs at least one --network")
+        object.__setattr__(self, "networks", networks)
+        aliases = tuple(a for a in _names(self.aliases, "alias") if a != self.name)
+        object.__setattr__(self, "aliases", aliases)
+        object.__setattr__(self, "ports", tuple(self.ports))
+        if self.endpoint_mode not in ENDPOINT_MODES:
+            raise ValidationError(
+                f"endpoint mode {self.endpoint_mode!r} must be vip or dnsrr"
+            )
+        if self.endpoint_mode == "dnsrr" and self.vips:
+            raise ValidationError(f"service {self.name!r} is dnsrr and cannot hold VIPs")
+        if self.endpoint_mode == "dnsrr" and any(
+            p.published is not None and p.mode == "ingress" for p in self.ports
+        ):
+            raise ValidationError(
+                f"service {self.name!r}: a port published in ingress mode needs a VIP; "
+                "use --endpoint-mode vip or publish with mode=host"
+            )
+        seen: set[tuple[int, str]] = set()
+        for port in self.ports:
+            if port.published is not None:
+                key = (port.published, port.protocol)
+                if key in seen:
+                    raise ValidationError(f"published port {port.published}/{port.protocol} is given twice")
+                seen.add(key)
+        stray = set(self.vips) - set(networks)
+        if stray:
+            raise ValidationError(f"service {self.name!r} has VIPs on networks it is not on: {sorted(stray)}")
+        object.__setattr__(self, "vips", MappingProxyType(dict(self.vips)))
+
+    def dns_names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "networks": list(self.networks),
+            "endpoint_mode": self.endpoint_mode,
+            "aliases": list(self.aliases),
+            "ports": [p.to_dict() for p in self.ports],
+            "vips": {net: str(ip) for net, ip in self.vips.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Service:
+        return _decode(cls, data, lambda d: cls(
+            name=d["name"],
+            networks=tuple(d["networks"]),
+            endpoint_mode=d.get("endpoint_mode", "vip"),
+            aliases=tuple(d.get("aliases", ())),
+            ports=tuple(PortSpec.from_dict(p) for p in d.get("ports", ())),
+            vips={net: IPv4Address(ip) for net, ip in d.get("vips", {}).items()},
+        ))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One container's attachment to one network."""
+
+    container: str
+    network: str
+    ipv4: IPv4Address
+    node: str
+    hostname: str | None = None
+    aliases: tuple[str, ...] = ()
+    service: str | None = None
+    ipv6: IPv6Address | None = None
+    netns: str = ""
+    health: str = "healthy"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "container", normalize_name(self.container, "container name"))
+        object.__setattr__(self, "network", normalize_name(self.network, "network name"))
+        if self.hostname is not None:
+            object.__setattr__(self, "hostname", normalize_name(self.hostname, "hostname"))
+        object.__setattr__(self, "aliases", _names(self.aliases, "alias"))
+        if self.service is not None:
+            object.__setattr__(self, "service", normalize_name(self.service, "service name"))
+        if not self.node:
+            raise ValidationError("endpoint node must not be empty")
+        if self.health not in HEALTH_STATES:
+            raise ValidationError(f"health {self.health!r} must be one of {', '.join(HEALTH_STATES)}")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.network, self.container)
+
+    def dns_names(self) -> tuple[str, ...]:
+        """Names this endpoint answers to on its network, in order of precedence."""
+        names = [self.container]
+        if self.hostname and self.hostname not in names:
+            names.append(self.hostname)
+        names.extend(a for a in self.aliases if a not in names)
+        return tuple(names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "container": self.container,
+            "network": self.network,
+            "ipv4": str(self.ipv4),
+            "ipv6": str(self.ipv6) if self.ipv6 else None,
+            "node": self.node,
+            "hostname": self.hostname,
+            "aliases": list(self.aliases),
+            "service": self.service,
+            "netns": self.netns,
+            "health": self.health,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Endpoint:
+        return _decode(cls, data, lambda d: cls(
+            container=d["container"],
+            network=d["network"],
+            ipv4=IPv4Address(d["ipv4"]),
+            ipv6=IPv6Address(d["ipv6"]) if d.get("ipv6") else None,
+            node=d["node"],
+            hostname=d.get("hostname"),
+            aliases=tuple(d.get("aliases", ())),
+            service=d.get("service"),
+            netns=d.get("netns", ""),
+            health=d.get("health", "healthy"),
+        ))
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    started_at: float = 0.0
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValidationError("node name must not be empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "started_at": self.started_at, "version": self.version}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Node:
+        return _decode(cls, data, lambda d: cls(d["name"], float(d.get("started_at", 0)), d.get("version", "")))
+
+
+def _decode(cls, data: Mapping[str, Any], build):
+    """Run ``build(data)``, turning any shape error into a ValidationError naming the type."""
+    if not isinstance(data, Mapping):
+        raise ValidationError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
+    try:
+        return build(data)
+    except ValidationError:
+        raise
+    except KeyError as exc:
+        raise ValidationError(f"{cls.__name__} is missing field {exc.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ValidationError(f"{cls.__name__} has a bad field: {exc}") from None

@@ -1,0 +1,79 @@
+"""Run a command inside a sandbox: its netns, its resolv.conf and hosts, its hostname.
+
+Like ``ip netns exec`` (and Docker's container setup) the command gets a private mount
+namespace in which the sandbox's resolv.conf and hosts file are bind-mounted over
+/etc/resolv.conf and /etc/hosts, and a private UTS namespace for its hostname. Usable as
+``python -m discovery.nsexec --netns PATH [...] -- CMD ARGS`` or in-process via ``enter``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import sys
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWNET = 0x40000000
+MS_BIND = 4096
+MS_REC = 16384
+MS_SLAVE = 1 << 19
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def enter(netns: str, resolv_conf: str | None = None, hosts: str | None = None,
+          hostname: str | None = None) -> None:
+    """Move the calling (single-threaded) process into the sandbox."""
+    fd = os.open(netns, os.O_RDONLY)
+    try:
+        _check(_libc.setns(fd, CLONE_NEWNET), f"setns {netns}")
+    finally:
+        os.close(fd)
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unshare")
+    # Our bind mounts must not propagate back to the host.
+    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None), "make / a slave mount")
+    for source, target in ((resolv_conf, "/etc/resolv.conf"), (hosts, "/etc/hosts")):
+        if source:
+            real_target = os.path.realpath(target)
+            if os.path.exists(real_target):
+                _check(_libc.mount(source.encode(), real_target.encode(), None, MS_BIND, None),
+                       f"bind {source} on {target}")
+    # /sys shows the interfaces of the netns that mounted it: remount for the sandbox's.
+    if _libc.umount2(b"/sys", MNT_DETACH) == 0:
+        _libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None)
+    if hostname:
+        name = hostname.encode()
+        _check(_libc.sethostname(name, len(name)), "sethostname")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m discovery.nsexec",
+                                     description="Run COMMAND inside a svcnet sandbox.")
+    parser.add_argument("--netns", required=True)
+    parser.add_argument("--resolv-conf")
+    parser.add_argument("--hosts")
+    parser.add_argument("--hostname")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give a COMMAND after --")
+    try:
+        enter(args.netns, args.resolv_conf, args.hosts, args.hostname)
+        os.execvp(command[0], command)
+    except OSError as exc:
+        print(f"svcnet: cannot run {command[0]!r} in the sandbox: {exc}", file=sys.stderr)
+        sys.exit(127 if isinstance(exc, FileNotFoundError) else 126)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""The registry: svcnet's objects in etcd, written with transactions.
+
+Every write that must be unique (a network's subnet, a DNS name on a network, an address)
+is a transaction whose compares fail if another writer got there first; the loser re-reads
+and either picks again (an automatic address) or reports the clash (a requested name or
+address). Reads here are for the CLI and the agent's slow paths; the hot paths read the
+in-memory View (``view.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import aetcd
+
+from . import ipam
+from .errors import ConflictError, NotFoundError, ValidationError
+from .keys import KeyLayout
+from .model import Endpoint, Network, Node, Service
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 20
+# A name that would be ambiguous in DNS: "tasks.<svc>" lists a service's tasks.
+RESERVED_NAMES = frozenset({"tasks"})
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who holds a DNS name or an address on a network."""
+
+    kind: str  # "container" or "service"
+    owner: str
+    role: str  # "name", "hostname", "alias", "address", "vip"
+    node: str = ""
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"kind": self.kind, "owner": self.owner, "as": self.role, "node": self.node},
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Claim | None:
+        try:
+            data = json.loads(raw)
+            return cls(data["kind"], data["owner"], data["as"], data.get("node", ""))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def same_holder(self, other: Claim) -> bool:
+        return (self.kind, self.owner, self.node) == (other.kind, other.owner, other.node)
+
+    def describe(self) -> str:
+        role = {"name": "its name", "hostname": "its hostname", "alias": "an alias",
+                "address": "its address", "vip": "its VIP"}.get(self.role, self.role)
+        where = f" on node {self.node!r}" if self.node else ""
+        return f"{self.kind} {self.owner!r}{where} (as {role})"
+
+
+@dataclass(frozen=True)
+class SandboxRequest:
+    """What a sandbox asks of the registry: one endpoint per network, in attach order."""
+
+    container: str
+    networks: tuple[str, ...]
+    node: str
+    hostname: str | None = None
+    aliases: tuple[str, ...] = ()
+    service: str | None = None
+    # Requested addresses as (network, address) pairs, any family: the CLI's --ip for the
+    # first network, or every address a sandbox already holds when it is re-registered.
+    addresses: tuple[tuple[str, str], ...] = ()
+    netns: str = ""
+    health: str = "healthy"
+
+
+class _Claims:
+    """Claims read from etcd for one network: names and addresses with their raw values."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, tuple[Claim | None, bytes]] = {}
+        self.addresses: dict[str, tuple[Claim | None, bytes]] = {}
+
+
+class Registry:
+    def __init__(self, client: aetcd.Client, keys: KeyLayout) -> None:
+        self.client = client
+        self.keys = keys
+        self.txn = client.transactions
+
+    # ---- reads -----------------------------------------------------------------------
+
+    async def _json_values(self, prefix: bytes) -> tuple[int, list[tuple[bytes, dict]]]:
+        result = await self.client.get_prefix(prefix)
+        values = []
+        for kv in result:
+            try:
+                values.append((kv.key, json.loads(kv.value)))
+            except ValueError:
+                log.warning("skipping malformed value key=%s", kv.key.decode(errors="replace"))
+        return result.header.revision, values
+
+    async def get_network(self, name: str) -> Network:
+        got = await self.client.get(self.keys.network(name.lower()))
+        if got is None:
+            raise NotFoundError(f"network {name!r} does not exist; create it with 'svcnet network create {name} --subnet CIDR'")
+        return Network.from_dict(json.loads(got.value))
+
+    async def list_networks(self) -> tuple[int, list[Network]]:
+        revision, values = await self._json_values(self.keys.kind_prefix("networks"))
+        return revision, _decode_all(Network, values)
+
+    async def get_service(self, name: str) -> Service:
+        got = await self.client.get(self.keys.service(name.lower()))
+        if got is None:
+            raise NotFoundError(f"service {name!r} does not exist; create it with 'svcnet service create {name} --network NET'")
+        return Service.from_dict(json.loads(got.value))
+
+    async def list_services(self) -> list[Service]:
+        _, values = await self._json_values(self.keys.kind_prefix("services"))
+        return _decode_all(Service, values)
+
+    async def list_endpoints(self, network: str | None = None) -> list[Endpoint]:
+        prefix = self.keys.kind_prefix("endpoints", network) if network else self.keys.kind_prefix("endpoints")
+        _, values = await self._json_values(prefix)
+        return _decode_all(Endpoint, values)
+
+    async def _read_claims(self, network: str) -> _Claims:
+        claims = _Claims()
+        for kind, table in (("names", claims.names), ("ipam", claims.addresses)):
+            for kv in await self.client.get_prefix(self.keys.kind_prefix(kind, network)):
+                item = kv.key.decode().rsplit("/", 1)[-1]
+                table[item] = (Claim.decode(kv.value), kv.value)
+        return claims
+
+    # ---- networks --------------------------------------------------------------------
+
+    async def create_network(self, network: Network) -> Network:
+        prefix = self.keys.kind_prefix("networks")
+        for _ in range(MAX_ATTEMPTS):
+            revision, existing = await self.list_networks()
+            for other in existing:
+                if other.name == network.name:
+                    raise ConflictError(f"network {network.name!r} already exists; pick another name or remove it first")
+                if network.overlaps(other):
+                    theirs = ", ".join(str(s) for s in (other.subnet, other.subnet6) if s)
+                    raise ConflictError(
+                        f"subnet of network {network.name!r} overlaps network {other.name!r} ({theirs}); "
+                        "choose a subnet that does not overlap"
+                    )
+            ok, _ = await self.client.transaction(
+                compare=[self.txn.mod(prefix, _range_end(prefix)) < revision + 1],
+                success=[self.txn.put(self.keys.network(network.name), _encode(network))],
+                failure=[],
+            )
+            if ok:
+                return network
+        raise ConflictError("networks are changing too fast to create this one; try again")
+
+    async def remove_network(self, name: str) -> None:
+        name = name.lower()
+        await self.get_network(name)  # NotFoundError with a hint if absent
+        endpoints = await self.list_endpoints(name)
+        if endpoints:
+            holders = ", ".join(sorted({e.container for e in endpoints}))
+            raise ConflictError(
+                f"network {name!r} still has endpoints attached ({holders}); remove them with 'svcnet rm' first"
+            )
+        service_prefix = self.keys.kind_prefix("services")
+        revision, service_values = await self._json_values(service_prefix)
+        services = [s.name for s in _decode_all(Service, service_values) if name in s.networks]
+        if services:
+            raise ConflictError(
+                f"network {name!r} is used by services {', '.join(sorted(services))}; remove them first"
+            )
+        endpoint_prefix = self.keys.kind_prefix("endpoints", name)
+        ipam_prefix = self.keys.kind_prefix("ipam", name)
+        names_prefix = self.keys.kind_prefix("names", name)
+        ok, _ = await self.client.transaction(
+            compare=[
+                # No endpoint joined and no service was created since we looked.
+                self.txn.version(endpoint_prefix, _range_end(endpoint_prefix)) == 0,
+                self.txn.mod(service_prefix, _range_end(service_prefix)) < revision + 1,
+                self.txn.version(self.keys.network(name)) > 0,
+            ],
+            success=[
+                self.txn.delete(self.keys.network(name)),
+                self.txn.delete(ipam_prefix, _range_end(ipam_prefix)),
+                self.txn.delete(names_prefix, _range_end(names_prefix)),
+            ],
+            failure=[],
+        )
+        if not ok:
+            raise ConflictError(f"network {name!r} changed while removing it (an endpoint or service joined?); try again")
+
+    # ---- services --------------------------------------------------------------------
+
+    async def create_service(self, service: Service) -> Service:
+        """Store ``service``, claiming its names and (mode vip) one VIP per network."""
+        if service.name in RESERVED_NAMES:
+            raise ValidationError(f"service name {service.name!r} is reserved (tasks.<service> lists tasks)")
+        for _ in range(MAX_ATTEMPTS):
+            if await self.client.get(self.keys.service(service.name)) is not None:
+                raise ConflictError(f"service {service.name!r} already exists; remove it first or pick another name")
+            compares = [self.txn.version(self.keys.service(service.name)) == 0]
+            puts = []
+            vips = {}
+            for net_name in service.networks:
+                network = await self.get_network(net_name)
+                compares.append(self.txn.version(self.keys.network(net_name)) > 0)
+                claims = await self._read_claims(net_name)
+                holder = Claim("service", service.name, "name")
+                for dns_name in service.dns_names():
+                    _refuse_taken_name(claims, dns_name, holder, net_name)
+                    compares.append(self.txn.version(self.keys.name_claim(net_name, dns_name)) == 0)
+                    role = "name" if dns_name == service.name else "alias"
+                    puts.append(self.txn.put(self.keys.name_claim(net_name, dns_name),
+                                             Claim("service", service.name, role).encode()))
+                if service.endpoint_mode == "vip":
+                    taken = {ipam.parse_address(a) for a in claims.addresses}
+                    vip = ipam.first_free(network, network.subnet, taken)
+                    vips[net_name] = vip
+                    compares.append(self.txn.version(self.keys.address_claim(net_name, vip)) == 0)
+                    puts.append(self.txn.put(self.keys.address_claim(net_name, vip),
+                                             Claim("service", service.name, "vip").encode()))
+            stored = Service(service.name, service.networks, service.endpoint_mode,
+                             service.aliases, service.ports, vips)
+            puts.append(self.txn.put(self.keys.service(stored.name), _encode(stored)))
+            ok, _ = await self.client.transaction(compare=compares, success=puts, failure=[])
+            if ok:
+                return stored
+        raise ConflictError(f"could not create service {service.name!r}: the registry kept changing; try again")
+
+    async def remove_service(self, name: str) -> None:
+        name = name.lower()
+        got = await self.client.get(self.keys.service(name))
+        if got is None:
+            raise NotFoundError(f"service {name!r} does not exist")
+        service = Service.from_dict(json.loads(got.value))
+        tasks = sorted({e.container for e in await self.list_endpoints() if e.service == name})
+        if tasks:
+            raise ConflictError(
+                f"service {name!r} still has tasks ({', '.join(tasks)}); remove them with 'svcnet rm' first"
+            )
+        deletes = [self.txn.delete(self.keys.service(name))]
+        for net_name in service.networks:
+            claims = await self._read_claims(net_name)
+            holder = Claim("service", name, "name")
+            for table, key_of in ((claims.names, self.keys.name_claim), (claims.addresses, self.keys.address_claim)):
+                for item, (claim, _) in table.items():
+                    if claim is not None and claim.same_holder(holder):
+                        deletes.append(self.txn.delete(key_of(net_name, item)))
+        ok, _ = await self.client.transaction(
+            compare=[self.txn.mod(self.keys.service(name)) == got.mod_revision],
+            success=deletes,
+            failure=[],
+        )
+        if not ok:
+            raise ConflictError(f"service {name!r} changed while removing it; try again")
+
+    # ---- endpoints -------------------------------------------------------------------
+
+    async def register_sandbox(self, request: SandboxRequest, lease: int) -> list[Endpoint]:
+        """Write one endpoint per network, claiming names and addresses, bound to ``lease``.
+
+        Re-registering the same container from the same node is allowed and keeps its
+        addresses, so an owner can re-assert its endpoints after a lease loss or restart.
+        """
+        if not request.networks:
+            raise ValidationError(f"container {request.container!r} needs at least one --network")
+        if len(set(request.networks)) != len(request.networks):
+            raise ValidationError("a network is given twice; attach to each network once")
+        for name in (request.container, request.hostname, *request.aliases):
+            if name and name.lower() in RESERVED_NAMES:
+                raise ValidationError(f"name {name!r} is reserved (tasks.<service> lists tasks); pick another")
+        service = await self.get_service(request.service) if request.service else None
+        for _ in range(MAX_ATTEMPTS):
+            endpoints, compares, puts = [], [], []
+            for net_name in request.networks:
+                network = await self.get_network(net_name)
+                compares.append(self.txn.version(self.keys.network(network.name)) > 0)
+                claims = await self._read_claims(network.name)
+                endpoint = self._plan_endpoint(request, network, claims)
+                endpoints.append(endpoint)
+                c, p = self._endpoint_ops(endpoint, claims, lease)
+                compares += c
+                puts += p
+            if service is not None:
+                compares.append(self.txn.version(self.keys.service(service.name)) > 0)
+            ok, _ = await self.client.transaction(compare=compares, success=puts, failure=[])
+            if ok:
+                return endpoints
+        raise ConflictError(f"could not register {request.container!r}: the registry kept changing; try again")
+
+    def _plan_endpoint(self, request: SandboxRequest, network: Network, claims: _Claims) -> Endpoint:
+        holder = Claim("container", request.container.lower(), "name", request.node)
+        probe = Endpoint(request.container, network.name, network.gateway, request.node,
+                         request.hostname, request.aliases, request.service)
+        for dns_name in probe.dns_names():
+            _refuse_taken_name(claims, dns_name, holder, network.name)
+        mine = {a for a, (c, _) in claims.addresses.items() if c is not None and c.same_holder(holder)}
+        owners = {ipam.parse_address(a): (c.describe() if c else "an unreadable claim")
+                  for a, (c, _) in claims.addresses.items() if a not in mine}
+        ipv4, ipv6 = None, None
+        for address in sorted(mine):
+            parsed = ipam.parse_address(address)
+            if parsed.version == 4 and parsed in network.subnet:
+                ipv4 = parsed
+            elif network.subnet6 is not None and parsed in network.subnet6:
+                ipv6 = parsed
+        for net_name, text in request.addresses:
+            if net_name.lower() != network.name:
+                continue
+            wanted = ipam.parse_address(text)
+            subnet = network.subnet if wanted.version == 4 else network.subnet6
+            if subnet is None:
+                raise ValidationError(f"network {network.name!r} has no IPv6 subnet; {wanted} cannot be used on it")
+            ipam.check_requested(network, subnet, wanted, owners)
+            if wanted.version == 4:
+                ipv4 = wanted
+            else:
+                ipv6 = wanted
+        if ipv4 is None:
+            ipv4 = ipam.first_free(network, network.subnet, owners)
+        if network.subnet6 is not None and ipv6 is None:
+            ipv6 = ipam.first_free(network, network.subnet6, owners)
+        return Endpoint(
+            container=request.container, network=network.name, ipv4=ipv4, ipv6=ipv6,
+            node=request.node, hostname=request.hostname, aliases=request.aliases,
+            service=request.service, netns=request.netns, health=request.health,
+        )
+
+    def _endpoint_ops(self, endpoint: Endpoint, claims: _Claims, lease: int):
+        """Compares and puts that claim the endpoint's names and addresses atomically."""
+        compares, puts = [], []
+        node = endpoint.node
+
+        def claim(key: bytes, table: dict, item: str, role: str) -> None:
+            value = Claim("container", endpoint.container, role, node).encode()
+            _, raw = table.get(item, (None, None))
+            compares.append(self.txn.version(key) == 0 if raw is None else self.txn.value(key) == raw)
+            puts.append(self.txn.put(key, value, lease=lease))
+
+        roles = {endpoint.container: "name"}
+        if endpoint.hostname:
+            roles.setdefault(endpoint.hostname, "hostname")
+        for alias in endpoint.aliases:
+            roles.setdefault(alias, "alias")
+        for dns_name, role in roles.items():
+            claim(self.keys.name_claim(endpoint.network, dns_name), claims.names, dns_name, role)
+        for address in filter(None, (endpoint.ipv4, endpoint.ipv6)):
+            claim(self.keys.address_claim(endpoint.network, address), claims.addresses, str(address), "address")
+        # Release names or addresses this container held before but no longer wants.
+        holder = Claim("container", endpoint.container, "name", node)
+        wanted_names, wanted_addresses = set(roles), {str(a) for a in (endpoint.ipv4, endpoint.ipv6) if a}
+        for table, wanted, key_of in ((claims.names, wanted_names, self.keys.name_claim),
+                                      (claims.addresses, wanted_addresses, self.keys.address_claim)):
+            for item, (held, _) in table.items():
+                if held is not None and held.same_holder(holder) and item not in wanted:
+                    puts.append(self.txn.delete(key_of(endpoint.network, item)))
+        puts.append(self.txn.put(self.keys.endpoint(endpoint.network, endpoint.container),
+                                 _encode(endpoint), lease=lease))
+        return compares, puts
+
+    async def deregister_sandbox(self, container: str, networks: Iterable[str], node: str) -> None:
+        """Delete the container's endpoints and every claim it holds on ``networks``."""
+        container = container.lower()
+        holder = Claim("container", container, "name", node)
+        compares, deletes = [], []
+        for net_name in networks:
+            claims = await self._read_claims(net_name)
+            for table, key_of in ((claims.names, self.keys.name_claim), (claims.addresses, self.keys.address_claim)):
+                for item, (held, raw) in table.items():
+                    if held is not None and held.same_holder(holder):
+                        compares.append(self.txn.value(key_of(net_name, item)) == raw)
+                        deletes.append(self.txn.delete(key_of(net_name, item)))
+            deletes.append(self.txn.delete(self.keys.endpoint(net_name, container)))
+        for _ in range(MAX_ATTEMPTS):
+            ok, _ = await self.client.transaction(compare=compares, success=deletes, failure=[])
+            if ok:
+                return
+        raise ConflictError(f"could not remove the endpoints of {container!r}: the registry kept changing")
+
+    # ---- nodes -----------------------------------------------------------------------
+
+    async def register_node(self, node: Node, lease: int) -> None:
+        await self.client.put(self.keys.node(node.name), _encode(node), lease=lease)
+
+
+def _refuse_taken_name(claims: _Claims, dns_name: str, holder: Claim, network: str) -> None:
+    held = claims.names.get(dns_name)
+    if held is None:
+        return
+    claim, _ = held
+    if claim is not None and claim.same_holder(holder):
+        return
+    who = claim.describe() if claim else "an unreadable claim"
+    raise ConflictError(
+        f"name {dns_name!r} on network {network!r} is already used by {who}; choose another name or alias"
+    )
+
+
+def _encode(value: Network | Service | Endpoint | Node) -> bytes:
+    return json.dumps(value.to_dict(), sort_keys=True).encode()
+
+
+def _range_end(prefix: bytes) -> bytes:
+    return aetcd.utils.prefix_range_end(prefix)
+
+
+def _decode_all(cls, values: Sequence[tuple[bytes, dict]]) -> list:
+    decoded = []
+    for key, data in values:
+        try:
+            decoded.append(cls.from_dict(data))
+        except ValidationError as exc:
+            log.warning("skipping bad %s key=%s error=%s", cls.__name__, key.decode(errors="replace"), exc)
+    return decoded
