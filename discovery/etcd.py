@@ -39,11 +39,22 @@ def parse_endpoints(text: str) -> list[tuple[str, int]]:
     return endpoints
 
 
+# gRPC's default reconnect backoff grows to 120 s; a registry client wants to be back
+# within seconds of etcd returning. Keepalives find a dead peer that sent no RST.
+CHANNEL_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 2000,
+    "grpc.keepalive_time_ms": 10000,
+    "grpc.keepalive_timeout_ms": 5000,
+}
+
+
 async def connect(urls: str, timeout: float = 3.0) -> aetcd.Client:
     """An aetcd client for the first endpoint that answers a status call."""
     errors = []
     for host, port in parse_endpoints(urls):
-        client = aetcd.Client(host=host, port=port, timeout=timeout)
+        client = aetcd.Client(host=host, port=port, timeout=timeout, options=CHANNEL_OPTIONS)
         try:
             await asyncio.wait_for(client.status(), timeout)
         except (*TRANSIENT_ERRORS, aetcd.exceptions.ClientError) as exc:

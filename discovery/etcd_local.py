@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,19 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
         with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
+        return False
+
+
+# Loopback health checks must not follow an http_proxy from the environment.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def healthy(url: str, timeout: float = 0.5) -> bool:
+    """etcd's /health says true: it has a leader and serves requests."""
+    try:
+        with _NO_PROXY.open(f"{url}/health", timeout=timeout) as response:
+            return json.loads(response.read()).get("health") == "true"
+    except (OSError, ValueError):
         return False
 
 
@@ -95,11 +109,11 @@ class EtcdProcess:
                 raise EtcdUnavailableError(
                     f"etcd exited with code {proc.returncode} at start; see {log_path or self.data_dir / 'etcd.log'}"
                 )
-            if port_open(self.client_port):
+            if healthy(self.url):
                 return
             time.sleep(0.05)
         self.stop()
-        raise EtcdUnavailableError(f"etcd did not listen on {self.url} within {timeout:.0f}s")
+        raise EtcdUnavailableError(f"etcd did not become healthy on {self.url} within {timeout:.0f}s")
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.pid is None:
@@ -134,7 +148,7 @@ def ensure_local_etcd(state_dir: Path) -> str:
             meta = json.loads(meta_path.read_text())
         except ValueError:
             meta = {}
-    if meta.get("pid") and pid_alive(meta["pid"]) and port_open(meta["client_port"]):
+    if meta.get("pid") and pid_alive(meta["pid"]) and healthy(f"http://127.0.0.1:{meta['client_port']}"):
         return f"http://127.0.0.1:{meta['client_port']}"
     # Keep the ports we had so a restarted etcd keeps its member URLs.
     member = EtcdProcess(home, meta.get("client_port") or free_port(), meta.get("peer_port") or free_port())

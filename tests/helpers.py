@@ -1,0 +1,150 @@
+"""Test helpers: a cuttable TCP proxy, a CLI runner and sweeping of what a run made."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from discovery import firewall
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a target; ``cut()`` drops every connection and stops
+    listening (a network partition as the client sees it), ``restore()`` listens again."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def restore(self) -> None:
+        await self.start()
+
+
+def require_root() -> None:
+    """Tests of the kernel need root; say so instead of skipping."""
+    if os.geteuid() != 0:
+        raise AssertionError("this test needs root (network namespaces, bridges, iptables): run it as root")
+
+
+def require_tools(*names: str) -> None:
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        raise AssertionError(f"missing tools {missing}: install them (scripts/install-deps.sh does)")
+
+
+class Cli:
+    """Runs `svcnet` as a user would, with its own prefix, state dir and node name."""
+
+    def __init__(self, etcd_url: str, run_id: str, state_dir: Path) -> None:
+        self.run_id = run_id
+        self.prefix = f"/svcnet-test-{run_id}"
+        self.state_dir = state_dir
+        self.env = dict(os.environ, SVCNET_ETCD=etcd_url, SVCNET_PREFIX=self.prefix,
+                        SVCNET_STATE_DIR=str(state_dir), SVCNET_NODE=f"node-{run_id}")
+
+    def name(self, suffix: str) -> str:
+        return f"{self.run_id}-{suffix}"
+
+    def run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "discovery.cli", *args], env=self.env,
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"svcnet {' '.join(args)} exited {result.returncode}: {result.stderr}")
+        return result
+
+    def json(self, *args: str):
+        return json.loads(self.run(*args, "--format", "json").stdout)
+
+    def agent_pid(self) -> int | None:
+        try:
+            return int((self.state_dir / "agent.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def stop_agent(self, sig: int = signal.SIGTERM) -> None:
+        pid = self.agent_pid()
+        if pid is None:
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+    def cleanup(self) -> None:
+        """Remove everything this run made: sandboxes, services, networks, agent, rules."""
+        if (self.state_dir / "agent.sock").exists():
+            ps = self.run("ps", "--format", "json", check=False)
+            if ps.returncode == 0:
+                for record in json.loads(ps.stdout):
+                    self.run("rm", record["name"], check=False)
+            services = self.run("service", "ls", "--format", "json", check=False)
+            if services.returncode == 0:
+                for service in json.loads(services.stdout):
+                    self.run("service", "rm", service["name"], check=False)
+            networks = self.run("network", "ls", "--format", "json", check=False)
+            if networks.returncode == 0:
+                for network in json.loads(networks.stdout):
+                    self.run("network", "rm", network["name"], check=False)
+            time.sleep(0.3)  # the agent removes bridges on the View change
+        self.stop_agent()
+        sweep(self.run_id, self.prefix)
+
+
+def sweep(run_id: str, prefix: str) -> None:
+    """Delete namespaces, links and chains named for this run, whatever state it left."""
+    for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else []:
+        if run_id in name:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    from discovery import netlink
+    for bridge in netlink.list_bridges(prefix).values():
+        netlink.remove_link(bridge.ifname)
+    firewall.remove(prefix)

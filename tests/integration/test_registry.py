@@ -1,0 +1,149 @@
+"""The registry against a real etcd."""
+
+import asyncio
+import multiprocessing
+import sys
+
+import pytest
+
+from discovery.errors import ConflictError, ExhaustedError, NotFoundError, ValidationError
+from discovery.etcd import connect
+from discovery.keys import KeyLayout
+from discovery.model import Network, Service
+from discovery.registry import Registry, SandboxRequest
+
+
+async def _registry(url, prefix):
+    client = await connect(url)
+    return client, Registry(client, KeyLayout(prefix))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_networks_refuse_duplicates_and_overlaps(etcd, prefix):
+    async def scenario():
+        client, reg = await _registry(etcd.url, prefix)
+        await reg.create_network(Network.create("front", "10.30.0.0/24"))
+        with pytest.raises(ConflictError, match="already exists"):
+            await reg.create_network(Network.create("front", "10.31.0.0/24"))
+        with pytest.raises(ConflictError, match="overlaps network 'front'"):
+            await reg.create_network(Network.create("back", "10.30.0.128/25"))
+        with pytest.raises(NotFoundError, match="svcnet network create nope"):
+            await reg.get_network("nope")
+        await client.close()
+    run(scenario())
+
+
+def test_names_collide_across_containers_services_and_aliases(etcd, prefix):
+    async def scenario():
+        client, reg = await _registry(etcd.url, prefix)
+        await reg.create_network(Network.create("front", "10.32.0.0/24"))
+        svc = await reg.create_service(Service("web", ("front",), aliases=("www",)))
+        assert str(svc.vips["front"]) == "10.32.0.2"
+        lease = (await client.lease(30)).id
+        with pytest.raises(ConflictError, match="'www' on network 'front' is already used by service 'web'"):
+            await reg.register_sandbox(SandboxRequest("c1", ("front",), "n1", aliases=("www",)), lease)
+        [ep] = await reg.register_sandbox(SandboxRequest("c1", ("front",), "n1", service="web", aliases=("db",)), lease)
+        assert str(ep.ipv4) == "10.32.0.3"
+        with pytest.raises(ConflictError, match="'db' on network 'front' is already used by container 'c1'"):
+            await reg.register_sandbox(SandboxRequest("c2", ("front",), "n1", aliases=("DB",)), lease)
+        with pytest.raises(ConflictError, match="already used by container 'c1' on node 'n1'"):
+            await reg.register_sandbox(SandboxRequest("c1", ("front",), "n2"), lease)
+        with pytest.raises(ConflictError, match="already used by service 'web'"):
+            await reg.create_service(Service("c1x", ("front",), aliases=("web",)))
+        with pytest.raises(ValidationError, match="reserved"):
+            await reg.register_sandbox(SandboxRequest("tasks", ("front",), "n1"), lease)
+        # Re-registering from the same node is idempotent and keeps the address.
+        [again] = await reg.register_sandbox(SandboxRequest("c1", ("front",), "n1", service="web", aliases=("db",)), lease)
+        assert again.ipv4 == ep.ipv4
+        with pytest.raises(ConflictError, match="still has tasks"):
+            await reg.remove_service("web")
+        with pytest.raises(ConflictError, match="still has endpoints attached"):
+            await reg.remove_network("front")
+        await reg.deregister_sandbox("c1", ["front"], "n1")
+        await reg.remove_service("web")
+        await reg.remove_network("front")
+        left = await client.get_prefix(KeyLayout(prefix).root())
+        assert [kv.key for kv in left] == []
+        await client.close()
+    run(scenario())
+
+
+def test_requested_addresses_and_exhaustion(etcd, prefix):
+    async def scenario():
+        client, reg = await _registry(etcd.url, prefix)
+        await reg.create_network(Network.create("small", "10.33.0.0/29"))
+        lease = (await client.lease(30)).id
+        with pytest.raises(ValidationError, match="outside network 'small'"):
+            await reg.register_sandbox(SandboxRequest("c0", ("small",), "n1", addresses=(("small", "10.34.0.2"),)), lease)
+        [ep] = await reg.register_sandbox(SandboxRequest("c0", ("small",), "n1", addresses=(("small", "10.33.0.6"),)), lease)
+        assert str(ep.ipv4) == "10.33.0.6"
+        with pytest.raises(ConflictError, match="already used by container 'c0'"):
+            await reg.register_sandbox(SandboxRequest("c1", ("small",), "n1", addresses=(("small", "10.33.0.6"),)), lease)
+        for i in range(1, 5):
+            await reg.register_sandbox(SandboxRequest(f"c{i}", ("small",), "n1"), lease)
+        with pytest.raises(ExhaustedError, match="no free address left in 10.33.0.0/29"):
+            await reg.register_sandbox(SandboxRequest("c9", ("small",), "n1"), lease)
+        await reg.deregister_sandbox("c2", ["small"], "n1")
+        [reused] = await reg.register_sandbox(SandboxRequest("c9", ("small",), "n1"), lease)
+        assert str(reused.ipv4) == "10.33.0.3"  # c2's address, freed on removal
+        await client.close()
+    run(scenario())
+
+
+def _allocate_many(url, prefix, worker, count, queue):
+    async def scenario():
+        client, reg = await _registry(url, prefix)
+        lease = (await client.lease(60)).id
+        got = []
+        for i in range(count):
+            [ep] = await reg.register_sandbox(SandboxRequest(f"w{worker}-{i}", ("race",), f"n{worker}"), lease)
+            got.append(str(ep.ipv4))
+        await client.close()
+        return got
+    queue.put(asyncio.run(scenario()))
+
+
+def test_two_processes_allocating_at_once_never_share_an_address(etcd, prefix):
+    async def setup():
+        client, reg = await _registry(etcd.url, prefix)
+        await reg.create_network(Network.create("race", "10.35.0.0/24"))
+        await client.close()
+    run(setup())
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_allocate_many, args=(etcd.url, prefix, w, 60, queue)) for w in range(2)]
+    for w in workers:
+        w.start()
+    results = [queue.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+        assert w.exitcode == 0
+    addresses = results[0] + results[1]
+    assert len(addresses) == 120
+    assert len(set(addresses)) == 120, "an address was handed out twice"
+
+
+def test_an_expired_lease_removes_endpoints_and_claims(etcd, prefix):
+    async def scenario():
+        client, reg = await _registry(etcd.url, prefix)
+        await reg.create_network(Network.create("front", "10.36.0.0/24"))
+        lease = (await client.lease(2)).id  # never kept alive
+        await reg.register_sandbox(SandboxRequest("gone", ("front",), "n1", aliases=("g",)), lease)
+        assert len(await reg.list_endpoints("front")) == 1
+        for _ in range(80):
+            if not await reg.list_endpoints("front"):
+                break
+            await asyncio.sleep(0.1)
+        assert await reg.list_endpoints("front") == []
+        keys = KeyLayout(prefix)
+        assert list(await client.get_prefix(keys.kind_prefix("names", "front"))) == []
+        assert list(await client.get_prefix(keys.kind_prefix("ipam", "front"))) == []
+        await client.close()
+    run(scenario())
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))

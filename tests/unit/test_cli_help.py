@@ -1,0 +1,21 @@
+import pytest
+
+from discovery.cli import build_parser
+
+COMMANDS = [["network", "create"], ["network", "ls"], ["network", "inspect"], ["network", "rm"],
+            ["service", "create"], ["service", "ls"], ["service", "inspect"], ["service", "rm"],
+            ["run"], ["attach"], ["exec"], ["ps"], ["rm"], ["agent"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "example:" in out and f"svcnet {' '.join(command)}" in out
+
+
+def test_global_options_work_after_the_command():
+    args = build_parser().parse_args(["network", "ls", "--prefix", "/x", "--format", "json"])
+    assert args.prefix == "/x" and args.format == "json"
