@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The svcnet demo: installs what it needs, starts svcnet's own etcd and agent under a
+# throwaway state dir, builds two networks, a service and four sandboxes, shows what
+# svcnet sees and what the sandboxes can reach, then cleans everything up. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ $EUID -ne 0 ]]; then
+    echo "scripts/demo.sh needs root (network namespaces, bridges); run it with sudo" >&2
+    exit 1
+fi
+scripts/install-deps.sh
+
+export SVCNET_STATE_DIR=$(mktemp -d /tmp/svcnet-demo.XXXXXX)
+export SVCNET_PREFIX=/svcnet-demo-$$
+svcnet() { .venv/bin/svcnet "$@"; }
+step() { printf '\n\033[1m$ svcnet %s\033[0m\n' "$*"; svcnet "$@"; }
+
+cleanup() {
+    set +e
+    for name in web1 web2 db1 probe; do svcnet rm "demo-$name" >/dev/null 2>&1; done
+    svcnet service rm web >/dev/null 2>&1
+    svcnet network rm demo-front >/dev/null 2>&1
+    svcnet network rm demo-back >/dev/null 2>&1
+    sleep 0.5
+    [[ -f $SVCNET_STATE_DIR/agent.pid ]] && kill "$(cat "$SVCNET_STATE_DIR/agent.pid")" 2>/dev/null
+    sleep 0.5
+    .venv/bin/python -c "from discovery import firewall; firewall.remove('$SVCNET_PREFIX')" 2>/dev/null
+    [[ -f $SVCNET_STATE_DIR/etcd/member.json ]] && \
+        kill "$(.venv/bin/python -c "import json;print(json.load(open('$SVCNET_STATE_DIR/etcd/member.json'))['pid'])")" 2>/dev/null
+    sleep 0.5
+    rm -rf "$SVCNET_STATE_DIR"
+    echo; echo "demo cleaned up"
+}
+trap cleanup EXIT
+
+step network create demo-front --subnet 10.210.0.0/24 --subnet6 fd00:210::/64
+step network create demo-back --subnet 10.211.0.0/24 --internal
+step service create web --network demo-front --publish 8080:80
+step run -d --name demo-web1 --network demo-front --service web -- sleep 600
+step run -d --name demo-web2 --network demo-front --service web -- sleep 600
+step run -d --name demo-db1 --network demo-back --alias db
+step run -d --name demo-probe --network demo-front --network demo-back
+step ps
+step network ls
+step service inspect web
+step network inspect demo-front
+
+printf '\n\033[1mreachability\033[0m\n'
+web1=$(svcnet ps --format json | .venv/bin/python -c "import json,sys;print([r for r in json.load(sys.stdin) if r['name']=='demo-web1'][0]['endpoints'][0]['ipv4'])")
+db1=$(svcnet ps --format json | .venv/bin/python -c "import json,sys;print([r for r in json.load(sys.stdin) if r['name']=='demo-db1'][0]['endpoints'][0]['ipv4'])")
+check() { # sandbox address expectation
+    if svcnet exec "$1" -- ping -c1 -W1 "$2" >/dev/null 2>&1; then got=reaches; else got="cannot reach"; fi
+    printf '  %-11s %-13s %-16s (%s)\n' "$1" "$got" "$2" "$3"
+}
+check demo-web2 "$web1" "same network"
+check demo-probe "$db1" "probe is on both networks"
+check demo-web2 "$db1" "web2 is not on demo-back"

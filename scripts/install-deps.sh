@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install what svcnet needs on a Debian/Ubuntu machine, as root: system packages and a
+# virtualenv at .venv with svcnet and its test extras. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(etcd-server etcd-client iproute2 iptables dnsutils iputils-ping conntrack
+              python3 python3-venv python3-dev gcc procps)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    echo "==> apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+    echo "==> creating .venv"
+    python3 -m venv .venv
+fi
+echo "==> pip install -e .[test]"
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test]'
