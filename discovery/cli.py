@@ -7,7 +7,6 @@ host (sandboxes) goes through the local agent's API, which is started on demand.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -20,11 +19,11 @@ from pathlib import Path
 from . import __version__, log
 from .api import ApiClient
 from .errors import AgentUnavailableError, SvcnetError
-from .etcd import connect
-from .etcd_local import ensure_local_etcd
 from .keys import KeyLayout
 from .model import Network, PortSpec, Service
-from .registry import Registry
+
+# etcd's client (gRPC) and asyncio are imported where they are used: sandbox commands only
+# talk to the agent, and their start-up time is the user's wait.
 
 DEFAULT_STATE_DIR = "/var/lib/svcnet"
 
@@ -182,10 +181,16 @@ def _sandbox_options(parser: argparse.ArgumentParser) -> None:
 def _etcd_url(args) -> str:
     if args.etcd:
         return args.etcd
+    from .etcd_local import ensure_local_etcd
     return ensure_local_etcd(args.state_dir)
 
 
 def _with_registry(args, action):
+    import asyncio
+
+    from .etcd import connect
+    from .registry import Registry
+
     async def run():
         client = await connect(_etcd_url(args))
         try:
@@ -440,6 +445,8 @@ def cmd_rm(args) -> int:
 
 
 def cmd_agent(args) -> int:
+    import asyncio
+
     from .agent import Agent, AgentConfig
     config = AgentConfig(_etcd_url(args), KeyLayout(args.prefix).prefix, args.node, args.state_dir, args.lease_ttl)
     asyncio.run(Agent(config).run())

@@ -23,4 +23,4 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 echo "==> pip install -e .[test]"
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q --no-warn-script-location -e '.[test]'
