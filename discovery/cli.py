@@ -71,6 +71,14 @@ def _command(sub, name: str, help_text: str, example: str, func) -> argparse.Arg
     return parser
 
 
+def _group(top, name: str, help_text: str, description: str):
+    """A command with actions of its own (`svcnet network create ...`)."""
+    parser = top.add_parser(name, help=help_text, description=description)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    return actions
+
+
 def _format_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["table", "json"], default="table", help="output format")
 
@@ -86,10 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     top.required = True
 
-    network = top.add_parser("network", help="create, list, inspect and remove networks",
-                             description="Networks are cluster-wide: stored in etcd, a bridge on each node.")
-    network_sub = network.add_subparsers(dest="action", metavar="ACTION")
-    network_sub.required = True
+    network_sub = _group(top, "network", "create, list, inspect and remove networks",
+                         "Networks are cluster-wide: stored in etcd, a bridge on each node.")
     p = _command(network_sub, "create", "create a network",
                  "svcnet network create front --subnet 10.10.0.0/24 --subnet6 fd00:10::/64", cmd_network_create)
     p.add_argument("name", help="network name (a DNS label)")
@@ -108,10 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "svcnet network rm front", cmd_network_rm)
     p.add_argument("name")
 
-    service = top.add_parser("service", help="create, list, inspect and remove services",
-                             description="A service gives its tasks one name and (mode vip) one VIP per network.")
-    service_sub = service.add_subparsers(dest="action", metavar="ACTION")
-    service_sub.required = True
+    service_sub = _group(top, "service", "create, list, inspect and remove services",
+                         "A service gives its tasks one name and (mode vip) one VIP per network.")
     p = _command(service_sub, "create", "create a service",
                  "svcnet service create web --network front --publish 8080:80 --publish 53:53/udp,mode=host",
                  cmd_service_create)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EtcdUnavailableError
+from .procs import pid_alive
 
 INSTALL_HINT = (
     "the etcd binary was not found on PATH; install it with "
@@ -51,16 +52,6 @@ def healthy(url: str, timeout: float = 0.5) -> bool:
             return json.loads(response.read()).get("health") == "true"
     except (OSError, ValueError):
         return False
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass

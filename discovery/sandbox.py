@@ -22,6 +22,7 @@ from pathlib import Path
 from . import netlink
 from .errors import ConflictError, NotFoundError, ValidationError
 from .model import Endpoint, Network, normalize_name
+from .procs import pid_alive
 from .registry import Registry, SandboxRequest
 
 log = logging.getLogger(__name__)
@@ -79,26 +80,12 @@ class SandboxRecord:
             return "exited" if self.exit_code is not None else "created"
         if self.exit_code is not None:
             return f"exited ({self.exit_code})"
-        return "running" if _alive(self.pid) else "exited"
+        return "running" if pid_alive(self.pid) else "exited"
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["status"] = self.status()
         return data
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie of ours counts as exited
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class SandboxManager:
@@ -276,7 +263,7 @@ class SandboxManager:
 
     async def _teardown(self, record: SandboxRecord) -> None:
         """Undo everything create() did; safe on a half-built sandbox."""
-        if record.pid is not None and record.exit_code is None and _alive(record.pid):
+        if record.pid is not None and record.exit_code is None and pid_alive(record.pid):
             await _terminate(record.pid)
         self._processes.pop(record.name, None)
         await self.registry.deregister_sandbox(record.name, record.networks, self.node)
@@ -297,7 +284,7 @@ async def _terminate(pid: int, grace: float = 5.0) -> None:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             return
         await asyncio.sleep(0.05)
     try:

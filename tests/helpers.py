@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from discovery import firewall
+from discovery.procs import pid_alive
 
 
 class TcpProxy:
@@ -112,9 +113,7 @@ class Cli:
             return
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not pid_alive(pid):
                 return
             time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)

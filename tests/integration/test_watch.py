@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -99,30 +100,39 @@ def test_stopping_etcd_keeps_the_view_and_restarting_resumes(own_etcd, prefix):
     asyncio.run(scenario())
 
 
+@asynccontextmanager
+async def _watcher_behind_proxy(member, keys: KeyLayout):
+    """A watcher that reaches etcd through a proxy the test can cut, and a direct writer."""
+    proxy = TcpProxy(member.client_port)
+    await proxy.start()
+    client, watcher, task = await _start_watcher(f"http://127.0.0.1:{proxy.port}", keys)
+    writer = await connect(member.url)
+    try:
+        yield proxy, watcher, writer
+    finally:
+        await writer.close()
+        await _stop(client, task)
+        await proxy.cut()
+
+
 def test_changes_made_while_partitioned_are_not_missed(own_etcd, prefix):
     keys = KeyLayout(prefix)
 
     async def scenario():
-        proxy = TcpProxy(own_etcd.client_port)
-        await proxy.start()
-        client, watcher, task = await _start_watcher(f"http://127.0.0.1:{proxy.port}", keys)
-        writer = await connect(own_etcd.url)
-        await writer.put(keys.network("before"), _network("before", 4))
-        await watcher.wait_for(lambda v: "before" in v.networks, timeout=10)
-        await proxy.cut()
-        for i in range(5):
-            await writer.put(keys.network(f"during{i}"), _network(f"during{i}", 10 + i))
-        await writer.delete(keys.network("before"))
-        await asyncio.sleep(1)
-        assert "before" in watcher.view.networks  # nothing reached the watcher yet
-        await proxy.restore()
-        want = {f"during{i}" for i in range(5)}
-        view = await watcher.wait_for(lambda v: set(v.networks) == want, timeout=20)
-        assert watcher.relists == 0, "resumed from the revision, not re-listed"
-        assert view.revision == (await writer.get_prefix(keys.root())).header.revision
-        await writer.close()
-        await _stop(client, task)
-        await proxy.cut()
+        async with _watcher_behind_proxy(own_etcd, keys) as (proxy, watcher, writer):
+            await writer.put(keys.network("before"), _network("before", 4))
+            await watcher.wait_for(lambda v: "before" in v.networks, timeout=10)
+            await proxy.cut()
+            for i in range(5):
+                await writer.put(keys.network(f"during{i}"), _network(f"during{i}", 10 + i))
+            await writer.delete(keys.network("before"))
+            await asyncio.sleep(1)
+            assert "before" in watcher.view.networks  # nothing reached the watcher yet
+            await proxy.restore()
+            want = {f"during{i}" for i in range(5)}
+            view = await watcher.wait_for(lambda v: set(v.networks) == want, timeout=20)
+            assert watcher.relists == 0, "resumed from the revision, not re-listed"
+            assert view.revision == (await writer.get_prefix(keys.root())).header.revision
 
     asyncio.run(scenario())
 
@@ -131,25 +141,19 @@ def test_a_compaction_past_the_watch_revision_triggers_a_relist(own_etcd, prefix
     keys = KeyLayout(prefix)
 
     async def scenario():
-        proxy = TcpProxy(own_etcd.client_port)
-        await proxy.start()
-        client, watcher, task = await _start_watcher(f"http://127.0.0.1:{proxy.port}", keys)
-        writer = await connect(own_etcd.url)
-        await writer.put(keys.network("old"), _network("old", 20))
-        await watcher.wait_for(lambda v: "old" in v.networks, timeout=10)
-        await proxy.cut()
-        await writer.delete(keys.network("old"))
-        for i in range(3):
-            await writer.put(keys.network(f"new{i}"), _network(f"new{i}", 21 + i))
-        revision = (await writer.get_prefix(keys.root())).header.revision
-        await writer.compact(revision)
-        await proxy.restore()
-        view = await watcher.wait_for(lambda v: v.revision >= revision, timeout=20)
-        assert set(view.networks) == {"new0", "new1", "new2"}
-        assert watcher.relists == 1
-        await writer.close()
-        await _stop(client, task)
-        await proxy.cut()
+        async with _watcher_behind_proxy(own_etcd, keys) as (proxy, watcher, writer):
+            await writer.put(keys.network("old"), _network("old", 20))
+            await watcher.wait_for(lambda v: "old" in v.networks, timeout=10)
+            await proxy.cut()
+            await writer.delete(keys.network("old"))
+            for i in range(3):
+                await writer.put(keys.network(f"new{i}"), _network(f"new{i}", 21 + i))
+            revision = (await writer.get_prefix(keys.root())).header.revision
+            await writer.compact(revision)
+            await proxy.restore()
+            view = await watcher.wait_for(lambda v: v.revision >= revision, timeout=20)
+            assert set(view.networks) == {"new0", "new1", "new2"}
+            assert watcher.relists == 1
 
     asyncio.run(scenario())
 
