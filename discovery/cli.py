@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, log
+from . import __version__, log, nsexec
 from .api import ApiClient
 from .errors import AgentUnavailableError, SvcnetError
 from .keys import KeyLayout
@@ -385,9 +385,10 @@ def cmd_run(args) -> int:
 
 
 def _exec_argv(record: dict, command: list[str]) -> list[str]:
-    return [sys.executable, "-m", "discovery.nsexec", "--netns", record["netns"],
-            "--resolv-conf", record["files"]["resolv_conf"], "--hosts", record["files"]["hosts"],
-            "--hostname", record["hostname"], "--", *command]
+    if not record["owns_netns"]:  # someone else's container keeps its own files
+        return nsexec.argv(record["netns"], command)
+    files = record["files"]
+    return nsexec.argv(record["netns"], command, files["resolv_conf"], files["hosts"], record["hostname"])
 
 
 def _run_foreground(agent: ApiClient, record: dict, command: list[str]) -> int:
@@ -415,8 +416,6 @@ def cmd_exec(args) -> int:
     if not command:
         raise SvcnetError("give a COMMAND after --, e.g. svcnet exec NAME -- ip addr")
     record = _agent(args).call("GET", f"/v1/sandboxes/{args.name}")
-    if not record["owns_netns"]:
-        os.execvp(sys.executable, [sys.executable, "-m", "discovery.nsexec", "--netns", record["netns"], "--", *command])
     argv = _exec_argv(record, command)
     os.execvp(argv[0], argv)
     return 127  # not reached

@@ -29,8 +29,6 @@ ENDPOINT_MODES = ("vip", "dnsrr")
 PROTOCOLS = ("tcp", "udp")
 PUBLISH_MODES = ("ingress", "host")
 HEALTH_STATES = ("starting", "healthy", "unhealthy")
-# A sandbox holds at most this many interfaces we name eth0..ethN; generous but bounded.
-MAX_NETWORKS_PER_SANDBOX = 16
 
 
 def normalize_name(name: str, what: str = "name") -> str:

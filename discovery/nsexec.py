@@ -55,6 +55,16 @@ def enter(netns: str, resolv_conf: str | None = None, hosts: str | None = None,
         _check(_libc.sethostname(name, len(name)), "sethostname")
 
 
+def argv(netns: str, command: list[str], resolv_conf: str | None = None, hosts: str | None = None,
+         hostname: str | None = None) -> list[str]:
+    """The command line that runs ``command`` in a sandbox through this module."""
+    options = []
+    for flag, value in (("--resolv-conf", resolv_conf), ("--hosts", hosts), ("--hostname", hostname)):
+        if value:
+            options += [flag, value]
+    return [sys.executable, "-m", "discovery.nsexec", "--netns", netns, *options, "--", *command]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m discovery.nsexec",
                                      description="Run COMMAND inside a svcnet sandbox.")

@@ -14,12 +14,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import netlink
+from . import netlink, nsexec
 from .errors import ConflictError, NotFoundError, ValidationError
 from .model import Endpoint, Network, normalize_name
 from .procs import pid_alive
@@ -225,17 +224,11 @@ class SandboxManager:
         record.files = {"resolv_conf": str(directory / "resolv.conf"), "hosts": str(directory / "hosts"),
                         "log": str(directory / "output.log")}
 
-    def exec_argv(self, record: SandboxRecord, command: list[str]) -> list[str]:
-        return [
-            sys.executable, "-m", "discovery.nsexec", "--netns", record.netns,
-            "--resolv-conf", record.files["resolv_conf"], "--hosts", record.files["hosts"],
-            "--hostname", record.hostname, "--", *command,
-        ]
-
     def _start(self, record: SandboxRecord) -> None:
         output = open(record.files["log"], "ab")
         process = subprocess.Popen(
-            self.exec_argv(record, record.command),
+            nsexec.argv(record.netns, record.command, record.files["resolv_conf"],
+                        record.files["hosts"], record.hostname),
             stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
         )
         output.close()
