@@ -244,8 +244,8 @@ def _print(rows: list[dict], columns: list[tuple[str, str]], fmt: str, raw: obje
     if fmt == "json":
         print(json.dumps(raw, indent=2, sort_keys=True))
         return
-    table = [[h for h, _ in columns]] + [[str(row.get(key, "") if row.get(key) is not None else "")
-                                          for _, key in columns] for row in rows]
+    table = [[header for header, _ in columns]]
+    table += [["" if row.get(key) is None else str(row[key]) for _, key in columns] for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
