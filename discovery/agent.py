@@ -2,9 +2,10 @@
 
 It owns this node's sandboxes and the lease their endpoints are written under, keeps one
 watch on the registry (the View), converges the host to the View (a bridge per network,
-isolation and NAT rules) in a coalescing sync loop, and serves the CLI's API on a unix
-socket. Stopping it leaves sandboxes and their processes running; their endpoints stay in
-the registry for one lease TTL and are re-asserted when the agent comes back.
+isolation and NAT rules) in a coalescing sync loop, answers DNS on 127.0.0.11:53 inside
+every local sandbox from one event loop, serves Prometheus metrics, and serves the CLI's API
+on a unix socket. Stopping it leaves sandboxes and their processes running; their endpoints
+stay in the registry for one lease TTL and are re-asserted when the agent comes back.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from pathlib import Path
 
 from . import __version__, firewall, netlink
 from .api import ApiServer
-from .errors import EtcdUnavailableError
+from .errors import EtcdUnavailableError, SvcnetError
 from .etcd import TRANSIENT_ERRORS, connect
 from .keys import KeyLayout
 from .lease import LeaseKeeper
+from .metrics import Metrics, MetricsServer
 from .model import Node
 from .registry import Registry
-from .sandbox import SandboxManager, SandboxSpec
+from .resolver import DNAT_HINT, Resolver, ResolverConfig, SandboxServer, Scope
+from .sandbox import SandboxManager, SandboxRecord, SandboxSpec
 from .view import View
 from .watch import ViewWatcher
 
@@ -39,6 +42,9 @@ class AgentConfig:
     node: str
     state_dir: Path
     lease_ttl: int = 10
+    resolver: ResolverConfig = ResolverConfig()
+    metrics_addr: tuple[str, int] | None = ("127.0.0.1", 9253)
+    metrics_addr_explicit: bool = False  # a busy default port is a warning, a busy chosen one an error
 
     @property
     def socket_path(self) -> Path:
@@ -93,6 +99,46 @@ class HostSync:
         self._applied = networks
 
 
+class SandboxResolvers:
+    """One resolver listener per local sandbox, in step with the sandbox manager."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self.servers: dict[str, SandboxServer] = {}
+        self.conflicts = 0
+
+    async def serve(self, record: SandboxRecord) -> None:
+        server = self.servers.get(record.name)
+        if server is not None:
+            if server.scope.attached != tuple(record.networks):
+                self.resolver.set_attached(server.scope, record.networks)
+            return
+        server = SandboxServer(self.resolver, Scope(record.name, record.netns, record.networks))
+        await server.start()
+        self.servers[record.name] = server
+        if not await server.check():
+            self.conflicts += 1
+            log.error("sandbox resolver is shadowed sandbox=%s netns=%s hint=%r", record.name, record.netns, DNAT_HINT)
+
+    async def drop(self, name: str) -> None:
+        server = self.servers.pop(name, None)
+        if server is not None:
+            await server.close()
+
+    async def sync(self, records: dict[str, SandboxRecord]) -> None:
+        for name in set(self.servers) - set(records):
+            await self.drop(name)
+        for record in list(records.values()):
+            try:
+                await self.serve(record)
+            except Exception as exc:  # one broken sandbox must not stop DNS for the others
+                log.error("cannot serve dns sandbox=%s error=%s", record.name, exc)
+
+    async def close(self) -> None:
+        for name in list(self.servers):
+            await self.drop(name)
+
+
 def _enable_forwarding() -> None:
     # Sandboxes on non-internal networks reach beyond the host through it, as with Docker.
     try:
@@ -106,6 +152,7 @@ class Agent:
         self.config = config
         self.keys = KeyLayout(config.prefix)
         self.started_at = time.time()
+        self.metrics_address: tuple[str, int] | None = None
 
     async def run(self) -> None:
         config = self.config
@@ -119,6 +166,11 @@ class Agent:
         self.registry = registry
         self.host_sync = HostSync(self.keys.prefix)
         self.watcher.subscribe(self.host_sync.on_view)
+        self.metrics = Metrics()
+        self.resolver = Resolver(config.resolver, self.metrics)
+        self.watcher.subscribe(self.resolver.update)
+        self.dns = SandboxResolvers(self.resolver)
+        self._register_metrics()
         _enable_forwarding()
 
         api = ApiServer()
@@ -136,6 +188,8 @@ class Agent:
         ]
         await self.lease.current()
         await self.watcher.ready()
+        await self.dns.sync(self.sandboxes.records)
+        metrics_server = await self._start_metrics()
         await api.start(config.socket_path)
         (config.state_dir / "agent.pid").write_text(str(os.getpid()))
         log.info("agent ready node=%s prefix=%s socket=%s sandboxes=%d",
@@ -148,6 +202,8 @@ class Agent:
         crashed = asyncio.ensure_future(asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION))
         await asyncio.wait([crashed, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         await api.close()
+        await self.dns.close()
+        await metrics_server.close()
         for task in tasks:
             if task.done() and not task.cancelled() and task.exception():
                 log.error("agent task failed task=%s error=%r", task.get_name(), task.exception())
@@ -156,6 +212,37 @@ class Agent:
         await client.close()
         config.socket_path.unlink(missing_ok=True)
         log.info("agent stopped node=%s", config.node)
+
+    async def _start_metrics(self) -> MetricsServer:
+        server = MetricsServer(self.metrics)
+        address = self.config.metrics_addr
+        if address is None:
+            return server
+        try:
+            self.metrics_address = await server.start(*address)
+        except OSError as exc:
+            if self.config.metrics_addr_explicit:
+                raise SvcnetError(f"cannot serve metrics on {address[0]}:{address[1]}: {exc.strerror}; "
+                                  f"choose another --metrics-addr (port 0 picks a free one)") from None
+            log.warning("metrics disabled: default address busy address=%s:%d error=%s",
+                        address[0], address[1], exc.strerror)
+            return server
+        log.info("metrics serving address=http://%s:%d/metrics", *self.metrics_address)
+        return server
+
+    def _register_metrics(self) -> None:
+        m = self.metrics
+        watcher = self.watcher
+        m.gauge("svcnet_etcd_connected", "1 while the registry watch is connected.", lambda: int(watcher.connected))
+        m.counter_from("svcnet_watch_relists_total", "Full re-lists of the registry (start, compaction).",
+                       lambda: watcher.relists)
+        m.counter_from("svcnet_watch_reconnects_total", "Times the registry watch was resumed.",
+                       lambda: watcher.reconnects)
+        m.counter_from("svcnet_host_syncs_total", "Bridge and firewall syncs applied.", lambda: self.host_sync.syncs)
+        m.gauge("svcnet_host_sync_last_seconds", "Duration of the last host sync.",
+                lambda: self.host_sync.last_duration)
+        m.counter_from("svcnet_dns_shadowed_total", "Sandboxes found with 127.0.0.11:53 answered by someone else.",
+                       lambda: self.dns.conflicts)
 
     async def _connect(self):
         delay = 0.2
@@ -185,6 +272,9 @@ class Agent:
             "pid": os.getpid(), "version": __version__, "view_revision": view.revision,
             "etcd_connected": self.watcher.connected, "sandboxes": len(self.sandboxes.records),
             "state_dir": str(self.config.state_dir),
+            "metrics": f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
+            if self.metrics_address else None,
+            "dns_sandboxes": len(self.dns.servers),
         }
 
     async def _list(self, body, match) -> list:
@@ -199,9 +289,21 @@ class Agent:
             record = await self.sandboxes.create(spec, await self.lease.current())
         except TRANSIENT_ERRORS as exc:
             raise EtcdUnavailableError(f"etcd is unreachable, cannot register {spec.name!r}: {type(exc).__name__}") from None
+        try:
+            await self.dns.serve(record)
+        except BaseException:
+            await self.sandboxes.remove(record.name)
+            raise
+        # the sandbox's names resolve (here) by the time the caller hears back
+        keys = [(e["network"], record.name) for e in record.endpoints]
+        try:
+            await self.watcher.wait_for(lambda view: all(k in view.endpoints for k in keys), timeout=5)
+        except TimeoutError:
+            log.warning("sandbox not yet in the view sandbox=%s", record.name)
         return record.to_dict()
 
     async def _remove(self, body, match) -> dict:
+        await self.dns.drop(match["name"].lower())
         try:
             await self.sandboxes.remove(match["name"])
         except TRANSIENT_ERRORS as exc:

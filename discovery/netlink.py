@@ -65,19 +65,31 @@ def _setns(fd: int) -> None:
 
 
 @contextmanager
-def in_netns(path: str) -> Iterator[IPRoute]:
-    """An IPRoute whose socket lives in the netns at ``path``."""
+def entered_netns(path: str) -> Iterator[None]:
+    """Run the block with this thread in the netns at ``path``; sockets made there stay there.
+
+    Only for short blocks on worker threads: the thread is switched back on exit.
+    """
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(path, os.O_RDONLY)
     try:
-        _setns(target)
+        target = os.open(path, os.O_RDONLY)
         try:
-            ipr = IPRoute()
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
         finally:
             _setns(own)
     finally:
-        os.close(target)
         os.close(own)
+
+
+@contextmanager
+def in_netns(path: str) -> Iterator[IPRoute]:
+    """An IPRoute whose socket lives in the netns at ``path``."""
+    with entered_netns(path):
+        ipr = IPRoute()
     try:
         yield ipr
     finally:

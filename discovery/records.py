@@ -11,7 +11,12 @@ and beyond it (see shared/REFERENCE.md):
 - a sandbox on several networks sees them all; the first network in attach order wins;
 - an endpoint that is not healthy is in no answer (its names stay known: NODATA, not
   NXDOMAIN, so clients do not cache a negative for a name that will come back);
-- PTR for every endpoint address and VIP -> ``<name>.<network>.``.
+- PTR for every endpoint address and VIP -> ``<name>.<network>.``;
+- SRV ``_<port>._<proto>.<svc>`` -> the VIP's name (mode vip) or each healthy task's name.
+
+Each record says which TTL class it belongs to (``vip``, ``name`` or ``tasks``): a VIP lives
+as long as its service, a container can be re-created at a new address, a task list changes
+whenever a task starts, stops or fails its health check.
 """
 
 from __future__ import annotations
@@ -33,12 +38,23 @@ class NameRecord:
     ipv4: tuple[ipaddress.IPv4Address, ...] = ()
     ipv6: tuple[ipaddress.IPv6Address, ...] = ()
     shuffle: bool = False  # task lists change per reply; a VIP or one container does not
+    ttl_class: str = "name"  # "vip" | "name" | "tasks"
+
+
+@dataclass(frozen=True)
+class ServiceRecord:
+    """What SRV queries for one service on one network resolve to."""
+
+    ports: frozenset[tuple[str, int]]  # (protocol, target port)
+    targets: tuple[tuple[str, NameRecord], ...]  # ("<name>.<network>.", its addresses)
+    ttl_class: str
 
 
 @dataclass(frozen=True)
 class NetworkRecords:
     network: str
     names: dict[str, NameRecord] = field(default_factory=dict)
+    services: dict[str, ServiceRecord] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,19 @@ class Records:
                 return table.names.get(name)
         return None
 
+    def service(self, attached: Sequence[str], qname: str) -> ServiceRecord | None:
+        """The service named ``qname`` (or ``<svc>.<network>``) as seen from ``attached``."""
+        for network in attached:
+            table = self.networks.get(network)
+            if table is not None and qname in table.services:
+                return table.services[qname]
+        name, _, network = qname.rpartition(".")
+        if name and network in attached:
+            table = self.networks.get(network)
+            if table is not None:
+                return table.services.get(name)
+        return None
+
     def pointer(self, attached: Sequence[str], reverse_name: str) -> str | None:
         found = self.pointers.get(reverse_name)
         if found is not None and found[0] in attached:
@@ -70,6 +99,7 @@ class Records:
 
 def build(view: View) -> Records:
     by_network: dict[str, dict[str, NameRecord]] = {name: {} for name in view.networks}
+    services_by_network: dict[str, dict[str, ServiceRecord]] = {}
     pointers: dict[str, tuple[str, str]] = {}
     endpoints_by_network: dict[str, list[Endpoint]] = {}
     healthy_tasks: dict[tuple[str, str], list[Endpoint]] = {}  # (service, network) -> tasks
@@ -92,19 +122,23 @@ def build(view: View) -> Records:
             names = by_network.setdefault(network, {})
             on_network = sorted(healthy_tasks.get((service.name, network), ()), key=lambda e: e.container)
             task_record = NameRecord(
-                tuple(t.ipv4 for t in on_network), tuple(t.ipv6 for t in on_network if t.ipv6), shuffle=True
+                tuple(t.ipv4 for t in on_network), tuple(t.ipv6 for t in on_network if t.ipv6),
+                shuffle=True, ttl_class="tasks",
             )
             names[f"tasks.{service.name}"] = task_record
             record = _service_record(service, network, task_record)
+            srv = _srv_record(service, network, record, on_network)
             for name in service.dns_names():
                 names[name] = record
+                services_by_network.setdefault(network, {})[name] = srv
             vip = service.vips.get(network)
             if vip is not None:
                 pointers[vip.reverse_pointer] = (network, f"{service.name}.{network}.")
 
     return Records(
         revision=view.revision,
-        networks={net: NetworkRecords(net, names) for net, names in by_network.items()},
+        networks={net: NetworkRecords(net, names, services_by_network.get(net, {}))
+                  for net, names in by_network.items()},
         pointers=pointers,
     )
 
@@ -119,4 +153,12 @@ def _service_record(service: Service, network: str, tasks: NameRecord) -> NameRe
     if service.endpoint_mode == "dnsrr":
         return tasks
     vip = service.vips.get(network)
-    return NameRecord((vip,) if vip else ())
+    return NameRecord((vip,) if vip else (), ttl_class="vip")
+
+
+def _srv_record(service: Service, network: str, record: NameRecord, tasks: list[Endpoint]) -> ServiceRecord:
+    ports = frozenset((p.protocol, p.target) for p in service.ports)
+    if service.endpoint_mode == "dnsrr":
+        targets = tuple((f"{t.container}.{network}.", _endpoint_record(t)) for t in tasks)
+        return ServiceRecord(ports, targets, "tasks")
+    return ServiceRecord(ports, ((f"{service.name}.{network}.", record),), "vip")

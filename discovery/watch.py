@@ -138,8 +138,7 @@ class ViewWatcher:
 
     async def _publish(self, view: View) -> None:
         self.view = view
-        async with self._changed:
-            self._changed.notify_all()
+        # subscribers first: whoever waits for a View may rely on what they built from it
         for subscriber in self._subscribers:
             try:
                 result = subscriber(view)
@@ -147,3 +146,5 @@ class ViewWatcher:
                     await result
             except Exception:
                 log.exception("view subscriber failed revision=%s", view.revision)
+        async with self._changed:
+            self._changed.notify_all()

@@ -1,0 +1,392 @@
+"""The 127.0.0.11 resolver: sockets inside each sandbox's netns, one event loop for all.
+
+A :class:`Scope` is one sandbox as the resolver sees it: the networks it is attached to (in
+attach order), whether it may forward, its in-flight forward count, and its reply caches.
+Sockets are opened on a worker thread that has entered the sandbox's netns; a socket stays
+in the netns it was made in, so one process serves every sandbox, and which sandbox asked
+is known from the socket the query came in on.
+
+Hot path (UDP): look the query up, minus its two ID octets, in the scope's reply cache; on
+a hit send ID + cached bytes. That cache is filled by the slow path (parse, look up in the
+View's records, pack) and emptied whenever the View changes, so a query never waits on
+etcd and answers follow the registry within one View update. Forwarding runs as a task per
+query, bounded per sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import struct
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from . import dnswire as w
+from . import netlink
+from . import records as records_mod
+from .answers import PROBE_NAME, PROBE_TEXT, Answers, Entry, Ttls, error_entry, pack
+from .errors import ConflictError, SvcnetError
+from .forward import Forwarder, Upstream, truncated
+from .metrics import Metrics
+from .view import View
+
+log = logging.getLogger(__name__)
+
+LISTEN_ADDRESS = "127.0.0.11"
+LISTEN_PORT = 53
+CACHE_LIMIT = 8192  # memoized replies per sandbox and transport; a flood of random names clears it
+TCP_MAX = 65535
+
+
+@dataclass(frozen=True)
+class ResolverConfig:
+    upstreams: tuple[Upstream, ...] = ()
+    upstream_timeout: float = 1.5
+    max_inflight: int = 1024  # forwards in flight per sandbox, then REFUSED (as Docker, configurable)
+    tcp_idle_timeout: float = 5.0
+    max_tcp_clients: int = 128  # per sandbox
+    ttls: Ttls = field(default_factory=Ttls)
+
+
+class Scope:
+    """One sandbox's view of DNS."""
+
+    __slots__ = ("name", "netns", "attached", "forward", "inflight", "tcp_clients", "udp_cache", "tcp_cache")
+
+    def __init__(self, name: str, netns: str, attached: Iterable[str]) -> None:
+        self.name = name
+        self.netns = netns
+        self.attached = tuple(attached)
+        self.forward = True
+        self.inflight = 0
+        self.tcp_clients = 0
+        self.udp_cache: dict[bytes, Entry] = {}
+        self.tcp_cache: dict[bytes, Entry] = {}
+
+
+class Resolver:
+    """Answers queries for any number of scopes from the current View."""
+
+    def __init__(self, config: ResolverConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.answers = Answers(records_mod.build(View()), config.ttls)
+        self.view = View()
+        self.view_updated = time.monotonic()
+        self.scopes: set[Scope] = set()
+        self.forwarder = Forwarder(list(config.upstreams), config.upstream_timeout, metrics)
+        self._tasks: set[asyncio.Task] = set()
+        self._folded: Tally = Tally()  # (qtype, rcode, truncated) -> hits of dropped cache entries
+        self.queries = metrics.counter("svcnet_dns_queries_total", "Queries answered, by type, rcode and source.",
+                                       ("qtype", "rcode", "source"))
+        self.truncations = metrics.counter("svcnet_dns_truncated_total",
+                                           "UDP replies sent with TC set (client should retry over TCP).", ("source",))
+        self.malformed = metrics.counter("svcnet_dns_malformed_total", "Malformed packets, by what was done.",
+                                         ("action",))
+        self.refused_inflight = metrics.counter("svcnet_dns_forward_limit_refused_total",
+                                                "Queries REFUSED because a sandbox had too many forwards in flight.")
+        self.tcp_timeouts = metrics.counter("svcnet_dns_tcp_idle_timeouts_total",
+                                            "TCP clients closed for sending nothing in time.")
+        metrics.gauge("svcnet_view_revision", "etcd revision of the View answers are built from.",
+                      lambda: self.view.revision)
+        metrics.gauge("svcnet_view_age_seconds", "Seconds since the View last changed.",
+                      lambda: time.monotonic() - self.view_updated)
+        metrics.gauge("svcnet_dns_sandboxes", "Sandboxes this process answers for.", lambda: len(self.scopes))
+        metrics.gauge("svcnet_dns_forwards_in_flight", "Forwarded queries waiting for an upstream.",
+                      lambda: sum(s.inflight for s in self.scopes))
+        metrics.on_collect(self._collect)
+        if not self.forwarder.upstreams:
+            log.warning("no upstream resolvers: names that are not local get SERVFAIL; pass --upstream")
+
+    # ---- state --------------------------------------------------------------------------
+
+    def update(self, view: View) -> None:
+        """Rebuild the answer tables for a new View and forget every memoized reply."""
+        started = time.perf_counter()
+        self.answers = Answers(records_mod.build(view), self.config.ttls)
+        self.view = view
+        self.view_updated = time.monotonic()
+        for scope in self.scopes:
+            self._refresh(scope)
+        log.debug("answers rebuilt revision=%s took_ms=%.2f", view.revision, (time.perf_counter() - started) * 1000)
+
+    def add_scope(self, scope: Scope) -> None:
+        self._refresh(scope)
+        self.scopes.add(scope)
+
+    def remove_scope(self, scope: Scope) -> None:
+        self.scopes.discard(scope)
+        self._drop_cache(scope.udp_cache)
+        self._drop_cache(scope.tcp_cache)
+
+    def set_attached(self, scope: Scope, attached: Iterable[str]) -> None:
+        scope.attached = tuple(attached)
+        self._refresh(scope)
+
+    def _refresh(self, scope: Scope) -> None:
+        networks = self.view.networks
+        known = [networks[n] for n in scope.attached if n in networks]
+        # a sandbox only on --internal networks never reaches outside, not even by DNS
+        scope.forward = not known or any(not n.internal for n in known)
+        self._drop_cache(scope.udp_cache)
+        self._drop_cache(scope.tcp_cache)
+
+    def _drop_cache(self, cache: dict[bytes, Entry]) -> None:
+        for entry in cache.values():
+            self._folded[(entry.qtype, entry.rcode, entry.truncated)] += entry.hits
+        cache.clear()
+
+    def _collect(self) -> None:
+        totals = Tally(self._folded)
+        for scope in self.scopes:
+            for cache in (scope.udp_cache, scope.tcp_cache):
+                for entry in cache.values():
+                    totals[(entry.qtype, entry.rcode, entry.truncated)] += entry.hits
+        truncated_hits = 0
+        local = {}
+        for (qtype, rcode, was_truncated), hits in totals.items():
+            key = (w.type_name(qtype), w.rcode_name(rcode), "local")
+            local[key] = local.get(key, 0) + hits
+            if was_truncated:
+                truncated_hits += hits
+        for key, hits in local.items():
+            self.queries.values[key] = hits
+        self.truncations.values[("local",)] = truncated_hits
+
+    # ---- queries ------------------------------------------------------------------------
+
+    def slow_path(self, data: bytes, scope: Scope, udp: bool, send: Callable[[bytes], None]) -> None:
+        """Everything the cache could not answer: parse, look up, pack, memoize or forward."""
+        try:
+            query = w.parse_query(data)
+        except w.Malformed as exc:
+            self.malformed.inc("formerr" if exc.reply is not None else "dropped")
+            log.debug("malformed query sandbox=%s reason=%s", scope.name, exc.reason.replace(" ", "_"))
+            if exc.reply is not None:
+                send(exc.reply)
+            return
+        local = self.answers.lookup(scope.attached, query)
+        if local is None and not scope.forward:
+            local_entry = error_entry(query, w.REFUSED)
+        elif local is not None:
+            local_entry = pack(query, local, query.udp_limit() if udp else TCP_MAX)
+        else:
+            self._forward(data, query, scope, udp, send)
+            return
+        cache = scope.udp_cache if udp else scope.tcp_cache
+        if len(cache) >= CACHE_LIMIT:
+            self._drop_cache(cache)
+        local_entry.hits = 1
+        cache[data[2:]] = local_entry
+        send(local_entry.reply(data[:2]))
+
+    def _forward(self, data: bytes, query: w.Query, scope: Scope, udp: bool, send: Callable[[bytes], None]) -> None:
+        if scope.inflight >= self.config.max_inflight:
+            self.refused_inflight.inc()
+            self.queries.inc(w.type_name(query.qtype), "REFUSED", "forwarded")
+            send(error_entry(query, w.REFUSED).reply(data[:2]))
+            return
+        scope.inflight += 1
+        task = asyncio.ensure_future(self._forward_one(data, query, scope, udp, send))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forward_one(self, data: bytes, query: w.Query, scope: Scope, udp: bool,
+                           send: Callable[[bytes], None]) -> None:
+        try:
+            reply = await self.forwarder.forward(data, query.question)
+        finally:
+            scope.inflight -= 1
+        if reply is None:
+            reply = error_entry(query, w.SERVFAIL).reply(data[:2])
+        elif udp and len(reply) > max(w.MAX_UDP_PLAIN, query.edns_size or 0):
+            reply = truncated(reply, query.question)
+            self.truncations.inc("forwarded")
+        self.queries.inc(w.type_name(query.qtype), w.rcode_name(reply[3] & 0x0F), "forwarded")
+        send(reply)
+
+
+# ---- transports ---------------------------------------------------------------------------
+
+class UdpServer(asyncio.DatagramProtocol):
+    def __init__(self, resolver: Resolver, scope: Scope) -> None:
+        self.resolver = resolver
+        self.scope = scope
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        entry = self.scope.udp_cache.get(data[2:])
+        if entry is not None:
+            entry.hits += 1
+            static = entry.static
+            self.transport.sendto(data[:2] + static if static is not None else entry.reply(data[:2]), addr)
+            return
+        self.resolver.slow_path(data, self.scope, True, lambda reply: self._send(reply, addr))
+
+    def _send(self, reply: bytes, addr) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp socket error sandbox=%s error=%r", self.scope.name, exc)
+
+
+class TcpConnection(asyncio.Protocol):
+    """RFC 7766: length-prefixed messages, several per connection, replies in any order.
+
+    The idle timer starts at connect and restarts only on a whole message or a reply sent,
+    so a client that sends nothing, or half a length prefix, is closed without holding up
+    anyone else.
+    """
+
+    def __init__(self, resolver: Resolver, scope: Scope) -> None:
+        self.resolver = resolver
+        self.scope = scope
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.counted = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if self.scope.tcp_clients >= self.resolver.config.max_tcp_clients:
+            log.warning("too many tcp clients, closing sandbox=%s limit=%d",
+                        self.scope.name, self.resolver.config.max_tcp_clients)
+            transport.close()
+            return
+        self.scope.tcp_clients += 1
+        self.counted = True
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(self.resolver.config.tcp_idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        self.resolver.tcp_timeouts.inc()
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= 2:
+            length = (self.buffer[0] << 8) | self.buffer[1]
+            if len(self.buffer) < 2 + length:
+                break
+            message = bytes(self.buffer[2:2 + length])
+            del self.buffer[:2 + length]
+            self._arm()
+            entry = self.scope.tcp_cache.get(message[2:])
+            if entry is not None:
+                entry.hits += 1
+                self._send(entry.reply(message[:2]))
+            else:
+                self.resolver.slow_path(message, self.scope, False, self._send)
+
+    def _send(self, reply: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(struct.pack("!H", len(reply)) + reply)
+            self._arm()
+
+    def connection_lost(self, exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.counted:
+            self.scope.tcp_clients -= 1
+            self.counted = False
+        self.transport = None
+
+
+# ---- sockets inside a netns ----------------------------------------------------------------
+
+def open_sockets(netns: str) -> tuple[socket.socket, socket.socket]:
+    """UDP and TCP sockets bound to 127.0.0.11:53 inside ``netns`` (runs on a worker thread)."""
+    with netlink.entered_netns(netns):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        for sock in (udp, tcp):
+            sock.setblocking(False)
+            sock.bind((LISTEN_ADDRESS, LISTEN_PORT))
+        tcp.listen(128)
+    except OSError as exc:
+        udp.close()
+        tcp.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConflictError(f"{LISTEN_ADDRESS}:{LISTEN_PORT} is already in use in netns {netns}: another "
+                                f"resolver (a second svcnet sidecar, or dnsmasq) serves this sandbox; stop it first") \
+                from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise SvcnetError(f"cannot bind {LISTEN_ADDRESS} in netns {netns}: its loopback is down; "
+                              f"run 'ip -n <netns> link set lo up'") from None
+        raise
+    return udp, tcp
+
+
+def probe_query(query_id: bytes = b"\x53\x4e") -> bytes:
+    return query_id + b"\x01\x00" + struct.pack("!HHHH", 1, 0, 0, 0) + w.encode_name(PROBE_NAME) + struct.pack(
+        "!HH", w.TXT, w.CLASS_IN)
+
+
+def probe(netns: str, timeout: float = 1.0) -> bool:
+    """Does *svcnet* answer 127.0.0.11:53 in ``netns``? (blocking; run on a worker thread)
+
+    Docker's embedded DNS DNATs 127.0.0.11:53 to its own port in containers on user-defined
+    networks; then our bound socket never sees a query, and this returns False.
+    """
+    with netlink.entered_netns(netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(probe_query(), (LISTEN_ADDRESS, LISTEN_PORT))
+            reply = sock.recv(4096)
+        except OSError:
+            return False
+    return reply[:2] == b"\x53\x4e" and (reply[3] & 0x0F) == w.NOERROR and PROBE_TEXT.encode() in reply[12:]
+
+
+DNAT_HINT = ("something else answers 127.0.0.11:53 in this netns, most likely Docker's embedded DNS (its NAT "
+             "chain DOCKER_OUTPUT or nft table 'ip docker-dns' redirects the port); run the container with "
+             "'--network none' and let svcnet attach it, or delete those rules")
+
+
+class SandboxServer:
+    """The UDP and TCP listeners of one scope."""
+
+    def __init__(self, resolver: Resolver, scope: Scope) -> None:
+        self.resolver = resolver
+        self.scope = scope
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        udp, tcp = await asyncio.to_thread(open_sockets, self.scope.netns)
+        loop = asyncio.get_running_loop()
+        try:
+            self._udp, _ = await loop.create_datagram_endpoint(lambda: UdpServer(self.resolver, self.scope), sock=udp)
+            self._tcp = await loop.create_server(lambda: TcpConnection(self.resolver, self.scope), sock=tcp)
+        except BaseException:
+            udp.close()
+            tcp.close()
+            raise
+        self.resolver.add_scope(self.scope)
+
+    async def check(self) -> bool:
+        return await asyncio.to_thread(probe, self.scope.netns)
+
+    async def close(self) -> None:
+        self.resolver.remove_scope(self.scope)
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            await self._tcp.wait_closed()
