@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 from discovery.etcd_local import EtcdProcess, free_port
+from tests.dnsupstream import TestUpstream
 from tests.helpers import Cli, require_root
+
+OUTSIDE_NAME = "outside.example.test"
+OUTSIDE_ADDRESS = "203.0.113.7"
 
 
 def _start_etcd(directory: Path) -> EtcdProcess:
@@ -38,9 +42,17 @@ def prefix() -> str:
     return f"/svcnet-test-{secrets.token_hex(3)}"
 
 
+@pytest.fixture(scope="session")
+def upstream() -> TestUpstream:
+    """The upstream every test agent forwards to: ours, on loopback."""
+    server = TestUpstream({OUTSIDE_NAME: OUTSIDE_ADDRESS})
+    yield server
+    server.close()
+
+
 @pytest.fixture
-def cli(etcd, tmp_path) -> Cli:
+def cli(etcd, tmp_path, upstream) -> Cli:
     require_root()
-    runner = Cli(etcd.url, "t" + secrets.token_hex(3), tmp_path / "state")
+    runner = Cli(etcd.url, "t" + secrets.token_hex(3), tmp_path / "state", upstream.address)
     yield runner
     runner.cleanup()

@@ -77,12 +77,14 @@ def require_tools(*names: str) -> None:
 class Cli:
     """Runs `svcnet` as a user would, with its own prefix, state dir and node name."""
 
-    def __init__(self, etcd_url: str, run_id: str, state_dir: Path) -> None:
+    def __init__(self, etcd_url: str, run_id: str, state_dir: Path, upstream: str) -> None:
         self.run_id = run_id
         self.prefix = f"/svcnet-test-{run_id}"
         self.state_dir = state_dir
+        # never the host's resolver: every forwarded query goes to the test's own upstream
         self.env = dict(os.environ, SVCNET_ETCD=etcd_url, SVCNET_PREFIX=self.prefix,
-                        SVCNET_STATE_DIR=str(state_dir), SVCNET_NODE=f"node-{run_id}")
+                        SVCNET_STATE_DIR=str(state_dir), SVCNET_NODE=f"node-{run_id}",
+                        SVCNET_UPSTREAM=upstream, SVCNET_METRICS_ADDR="127.0.0.1:0")
 
     def name(self, suffix: str) -> str:
         return f"{self.run_id}-{suffix}"
@@ -96,6 +98,50 @@ class Cli:
 
     def json(self, *args: str):
         return json.loads(self.run(*args, "--format", "json").stdout)
+
+    def dig(self, sandbox: str, *args: str) -> str:
+        """Real dig inside the sandbox, through `svcnet exec` and the sandbox's resolv.conf."""
+        result = self.run("exec", sandbox, "--", "dig", "@127.0.0.11", "+tries=1", "+time=3", *args, timeout=30)
+        return result.stdout
+
+    def short(self, sandbox: str, name: str, qtype: str = "A", *args: str) -> list[str]:
+        return sorted(line for line in self.dig(sandbox, "+short", name, qtype, *args).splitlines() if line)
+
+    def netns(self, sandbox: str) -> str:
+        return f"/run/netns/svcnet-{sandbox}"
+
+    def ns_dig(self, sandbox: str, *args: str) -> subprocess.Popen:
+        """dig in the sandbox's netns without the CLI round trip (for timing and fan-out)."""
+        return subprocess.Popen(["nsenter", f"--net={self.netns(sandbox)}", "dig", "@127.0.0.11", "+tries=1",
+                                 "+time=3", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def start_agent(self, *flags: str) -> subprocess.Popen:
+        """Start the agent ourselves, with resolver flags the on-demand start would not pass."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.state_dir / "agent.log", "ab")
+        process = subprocess.Popen([sys.executable, "-m", "discovery.cli", "--log-level", "info", "agent", *flags],
+                                   env=self.env, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"agent exited {process.returncode}: {(self.state_dir / 'agent.log').read_text()}")
+            try:
+                self.info()
+                return process
+            except Exception:
+                time.sleep(0.1)
+        raise AssertionError("agent did not start")
+
+    def info(self) -> dict:
+        from discovery.api import ApiClient
+        return ApiClient(self.state_dir / "agent.sock").call("GET", "/v1/info")
+
+    def metrics(self) -> str:
+        import urllib.request
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(self.info()["metrics"], timeout=5) as response:
+            return response.read().decode()
 
     def agent_pid(self) -> int | None:
         try:

@@ -58,7 +58,7 @@ def test_vip_and_dnsrr_services_and_tasks():
         _ep("r2", "front", "10.1.0.6", service="rr"),
     ])
     recs = records.build(view)
-    assert recs.lookup(["front"], "web") == records.NameRecord((ip("10.1.0.2"),))
+    assert recs.lookup(["front"], "web") == records.NameRecord((ip("10.1.0.2"),), ttl_class="vip")
     assert recs.lookup(["front"], "www").ipv4 == (ip("10.1.0.2"),)
     tasks = recs.lookup(["front"], "tasks.web")
     assert tasks.ipv4 == (ip("10.1.0.3"),) and tasks.shuffle, "the unhealthy task is in no answer"
