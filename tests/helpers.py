@@ -167,10 +167,14 @@ class Cli:
     def cleanup(self) -> None:
         """Remove everything this run made: sandboxes, services, networks, agent, rules."""
         if (self.state_dir / "agent.sock").exists():
-            ps = self.run("ps", "--format", "json", check=False)
-            if ps.returncode == 0:
-                for record in json.loads(ps.stdout):
-                    self.run("rm", record["name"], check=False)
+            from discovery.api import ApiClient
+            from discovery.errors import SvcnetError
+            api = ApiClient(self.state_dir / "agent.sock")
+            try:
+                for record in api.call("GET", "/v1/sandboxes"):
+                    api.call("DELETE", f"/v1/sandboxes/{record['name']}")
+            except SvcnetError:
+                pass
             services = self.run("service", "ls", "--format", "json", check=False)
             if services.returncode == 0:
                 for service in json.loads(services.stdout):
