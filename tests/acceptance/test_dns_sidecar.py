@@ -1,0 +1,101 @@
+"""Acceptance: `svcnet sidecar` for a netns made by someone else, and its lease."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.acceptance.test_dns import _status, _wait
+from tests.helpers import require_tools
+
+
+@pytest.fixture(autouse=True)
+def _tools():
+    require_tools("ip", "dig", "nsenter", "etcd", "iptables")
+
+
+def _foreign_netns(cli, suffix: str) -> str:
+    """A netns as Docker or a pod runtime would make it: not svcnet's."""
+    name = cli.name(suffix)
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    return name
+
+
+def _sidecar(cli, netns: str, name: str, network: str, *extra: str) -> subprocess.Popen:
+    log = open(cli.state_dir.parent / f"sidecar-{name}.log", "wb")
+    return subprocess.Popen([sys.executable, "-m", "discovery.cli", "sidecar", "--netns", netns, "--name", name,
+                             "--network", network, *extra], env=cli.env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _dig_in(netns: str, *args: str) -> str:
+    return subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "dig", "@127.0.0.11", "+tries=1", "+time=2",
+                           *args], capture_output=True, text=True, timeout=10).stdout
+
+
+def _stop(process: subprocess.Popen, sig=signal.SIGTERM) -> int:
+    if process.poll() is None:
+        process.send_signal(sig)
+    return process.wait(timeout=15)
+
+
+def test_sidecar_registers_serves_and_its_names_die_with_its_lease(cli):
+    net = cli.name("side")
+    cli.run("network", "create", net, "--subnet", "10.95.0.0/24")
+    peer, client = cli.name("peer"), cli.name("client")
+    cli.run("run", "-d", "--name", peer, "--network", net)
+    cli.run("run", "-d", "--name", client, "--network", net)
+    netns = _foreign_netns(cli, "pod")
+    sidecar = _sidecar(cli, netns, "pod", net, "--alias", "sidekick", "--lease-ttl", "2")
+    try:
+        assert _wait(lambda: cli.short(client, "sidekick"), 10, step=0.2), "the sidecar's names resolve elsewhere"
+        address = cli.short(client, "pod")
+        # inside the sidecar's netns, 127.0.0.11 is the sidecar's own resolver, scoped to its network
+        assert sorted(_dig_in(netns, "+short", peer).split()) == cli.short(client, peer)
+        assert "svcnet" in _dig_in(netns, "+short", "probe.svcnet.internal", "TXT")
+        inside = subprocess.run(["ip", "-n", netns, "-4", "-o", "addr"], capture_output=True, text=True).stdout
+        assert address[0] in inside
+
+        sidecar.kill()  # no goodbye: only the lease ends it
+        killed_at = time.monotonic()
+        assert _wait(lambda: _status(cli.dig(client, "pod")) == "NXDOMAIN", 10, step=0.2)
+        assert time.monotonic() - killed_at < 8, "gone once the 2 s lease expires"
+    finally:
+        _stop(sidecar, signal.SIGKILL)
+
+
+def test_sidecar_sigterm_deregisters_at_once(cli):
+    net = cli.name("side2")
+    cli.run("network", "create", net, "--subnet", "10.96.0.0/24")
+    client = cli.name("client")
+    cli.run("run", "-d", "--name", client, "--network", net)
+    netns = _foreign_netns(cli, "job")
+    sidecar = _sidecar(cli, netns, "job", net, "--lease-ttl", "30")
+    try:
+        assert _wait(lambda: cli.short(client, "job"), 10, step=0.2)
+        assert _stop(sidecar) == 0
+        assert _status(cli.dig(client, "job")) == "NXDOMAIN", "deregistered before exiting, not after 30 s"
+        links = subprocess.run(["ip", "-n", netns, "-o", "link"], capture_output=True, text=True).stdout
+        assert "eth0" not in links, "and detached from the netns"
+    finally:
+        _stop(sidecar, signal.SIGKILL)
+
+
+def test_sidecar_refuses_a_netns_whose_127_0_0_11_is_redirected_like_dockers(cli):
+    net = cli.name("side3")
+    cli.run("network", "create", net, "--subnet", "10.97.0.0/24")
+    client = cli.name("client")
+    cli.run("run", "-d", "--name", client, "--network", net)
+    netns = _foreign_netns(cli, "dock")
+    # what Docker's embedded DNS installs in a container's netns
+    subprocess.run(["ip", "netns", "exec", netns, "iptables", "-t", "nat", "-A", "OUTPUT", "-d", "127.0.0.11/32",
+                    "-p", "udp", "--dport", "53", "-j", "DNAT", "--to-destination", "127.0.0.11:35353"], check=True)
+    sidecar = _sidecar(cli, netns, "dock", net)
+    code = sidecar.wait(timeout=30)
+    output = (cli.state_dir.parent / "sidecar-dock.log").read_text()
+    assert code != 0 and "Docker's embedded DNS" in output, output
+    assert _status(cli.dig(client, "dock")) == "NXDOMAIN", "nothing left registered"
