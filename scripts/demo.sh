@@ -12,6 +12,9 @@ scripts/install-deps.sh
 
 export SVCNET_STATE_DIR=$(mktemp -d /tmp/svcnet-demo.XXXXXX)
 export SVCNET_PREFIX=/svcnet-demo-$$
+# The demo asks only its own names; anything forwarded goes to a closed loopback port
+# (instant SERVFAIL), never to this machine's resolver. Set SVCNET_UPSTREAM to override.
+export SVCNET_UPSTREAM=${SVCNET_UPSTREAM:-127.0.0.1:9}
 svcnet() { .venv/bin/svcnet "$@"; }
 step() { printf '\n\033[1m$ svcnet %s\033[0m\n' "$*"; svcnet "$@"; }
 
@@ -55,3 +58,18 @@ check() { # sandbox address expectation
 check demo-web2 "$web1" "same network"
 check demo-probe "$db1" "probe is on both networks"
 check demo-web2 "$db1" "web2 is not on demo-back"
+
+printf '\n\033[1mDNS from inside the sandboxes (dig @127.0.0.11)\033[0m\n'
+ask() { # sandbox name [type]
+    local answer
+    answer=$(svcnet exec "$1" -- dig +short +tries=1 +time=2 "$2" "${3:-A}" 2>/dev/null | tr '\n' ' ')
+    printf '  %-11s %-24s -> %s\n' "$1" "$2 ${3:-A}" "${answer:-(no answer)}"
+}
+ask demo-probe web
+ask demo-probe tasks.web
+ask demo-probe db
+ask demo-probe demo-web1 AAAA
+ask demo-probe _80._tcp.web SRV
+ask demo-probe "$(svcnet exec demo-probe -- dig +short web | head -1 | awk -F. '{print $4"."$3"."$2"."$1".in-addr.arpa"}')" PTR
+ask demo-web2 db
+printf '  (demo-web2 is not on demo-back, so "db" is not its name there: it was forwarded)\n'

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server etcd-client iproute2 iptables dnsutils iputils-ping conntrack
-              python3 python3-venv python3-dev gcc procps)
+              python3 python3-venv python3-dev gcc procps util-linux)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

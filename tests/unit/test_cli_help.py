@@ -4,7 +4,7 @@ from discovery.cli import build_parser
 
 COMMANDS = [["network", "create"], ["network", "ls"], ["network", "inspect"], ["network", "rm"],
             ["service", "create"], ["service", "ls"], ["service", "inspect"], ["service", "rm"],
-            ["run"], ["attach"], ["exec"], ["ps"], ["rm"], ["agent"]]
+            ["run"], ["attach"], ["exec"], ["ps"], ["rm"], ["agent"], ["sidecar"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -19,3 +19,12 @@ def test_every_command_has_help_with_an_example(command, capsys):
 def test_global_options_work_after_the_command():
     args = build_parser().parse_args(["network", "ls", "--prefix", "/x", "--format", "json"])
     assert args.prefix == "/x" and args.format == "json"
+
+
+def test_resolver_options_explain_their_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["agent", "--help"])
+    out = capsys.readouterr().out
+    for text in ("--upstream IP[:PORT]", "resolv.conf", "--ttl-vip", "default 600", "--max-inflight",
+                 "--metrics-addr", "Docker waits 4"):
+        assert text in out, text
