@@ -245,9 +245,10 @@ class TcpConnection(asyncio.Protocol):
     anyone else.
     """
 
-    def __init__(self, resolver: Resolver, scope: Scope) -> None:
+    def __init__(self, resolver: Resolver, scope: Scope, connections: set | None = None) -> None:
         self.resolver = resolver
         self.scope = scope
+        self.connections = connections if connections is not None else set()
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -262,7 +263,12 @@ class TcpConnection(asyncio.Protocol):
             return
         self.scope.tcp_clients += 1
         self.counted = True
+        self.connections.add(self)
         self._arm()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
     def _arm(self) -> None:
         if self.timer is not None:
@@ -301,6 +307,7 @@ class TcpConnection(asyncio.Protocol):
         if self.counted:
             self.scope.tcp_clients -= 1
             self.counted = False
+        self.connections.discard(self)
         self.transport = None
 
 
@@ -367,13 +374,15 @@ class SandboxServer:
         self.scope = scope
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
+        self._connections: set[TcpConnection] = set()
 
     async def start(self) -> None:
         udp, tcp = await asyncio.to_thread(open_sockets, self.scope.netns)
         loop = asyncio.get_running_loop()
         try:
             self._udp, _ = await loop.create_datagram_endpoint(lambda: UdpServer(self.resolver, self.scope), sock=udp)
-            self._tcp = await loop.create_server(lambda: TcpConnection(self.resolver, self.scope), sock=tcp)
+            self._tcp = await loop.create_server(
+                lambda: TcpConnection(self.resolver, self.scope, self._connections), sock=tcp)
         except BaseException:
             udp.close()
             tcp.close()
@@ -389,4 +398,6 @@ class SandboxServer:
             self._udp.close()
         if self._tcp is not None:
             self._tcp.close()
+            for connection in list(self._connections):  # wait_closed() would wait for them (3.12+)
+                connection.close()
             await self._tcp.wait_closed()
