@@ -66,28 +66,23 @@ class Records:
 
     def lookup(self, attached: Sequence[str], qname: str) -> NameRecord | None:
         """Resolve ``qname`` (lower-case, no trailing dot) for a sandbox on ``attached``."""
-        for network in attached:
-            table = self.networks.get(network)
-            if table is not None and qname in table.names:
-                return table.names[qname]
-        name, _, network = qname.rpartition(".")
-        if name and network in attached:
-            table = self.networks.get(network)
-            if table is not None:
-                return table.names.get(name)
-        return None
+        return self._scoped(attached, qname, "names")
 
     def service(self, attached: Sequence[str], qname: str) -> ServiceRecord | None:
         """The service named ``qname`` (or ``<svc>.<network>``) as seen from ``attached``."""
+        return self._scoped(attached, qname, "services")
+
+    def _scoped(self, attached: Sequence[str], qname: str, kind: str):
+        """First attached network that has ``qname``; else ``<name>.<network>`` if attached."""
         for network in attached:
             table = self.networks.get(network)
-            if table is not None and qname in table.services:
-                return table.services[qname]
+            if table is not None and qname in getattr(table, kind):
+                return getattr(table, kind)[qname]
         name, _, network = qname.rpartition(".")
         if name and network in attached:
             table = self.networks.get(network)
             if table is not None:
-                return table.services.get(name)
+                return getattr(table, kind).get(name)
         return None
 
     def pointer(self, attached: Sequence[str], reverse_name: str) -> str | None:

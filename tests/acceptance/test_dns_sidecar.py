@@ -37,6 +37,13 @@ def _dig_in(netns: str, *args: str) -> str:
                            *args], capture_output=True, text=True, timeout=10).stdout
 
 
+def _network_with_client(cli, suffix: str, subnet: str) -> tuple[str, str]:
+    net, client = cli.name(suffix), cli.name("client")
+    cli.run("network", "create", net, "--subnet", subnet)
+    cli.run("run", "-d", "--name", client, "--network", net)
+    return net, client
+
+
 def _stop(process: subprocess.Popen, sig=signal.SIGTERM) -> int:
     if process.poll() is None:
         process.send_signal(sig)
@@ -44,11 +51,9 @@ def _stop(process: subprocess.Popen, sig=signal.SIGTERM) -> int:
 
 
 def test_sidecar_registers_serves_and_its_names_die_with_its_lease(cli):
-    net = cli.name("side")
-    cli.run("network", "create", net, "--subnet", "10.95.0.0/24")
-    peer, client = cli.name("peer"), cli.name("client")
+    net, client = _network_with_client(cli, "side", "10.95.0.0/24")
+    peer = cli.name("peer")
     cli.run("run", "-d", "--name", peer, "--network", net)
-    cli.run("run", "-d", "--name", client, "--network", net)
     netns = _foreign_netns(cli, "pod")
     sidecar = _sidecar(cli, netns, "pod", net, "--alias", "sidekick", "--lease-ttl", "2")
     try:
@@ -69,10 +74,7 @@ def test_sidecar_registers_serves_and_its_names_die_with_its_lease(cli):
 
 
 def test_sidecar_sigterm_deregisters_at_once(cli):
-    net = cli.name("side2")
-    cli.run("network", "create", net, "--subnet", "10.96.0.0/24")
-    client = cli.name("client")
-    cli.run("run", "-d", "--name", client, "--network", net)
+    net, client = _network_with_client(cli, "side2", "10.96.0.0/24")
     netns = _foreign_netns(cli, "job")
     sidecar = _sidecar(cli, netns, "job", net, "--lease-ttl", "30")
     try:
@@ -86,10 +88,7 @@ def test_sidecar_sigterm_deregisters_at_once(cli):
 
 
 def test_sidecar_refuses_a_netns_whose_127_0_0_11_is_redirected_like_dockers(cli):
-    net = cli.name("side3")
-    cli.run("network", "create", net, "--subnet", "10.97.0.0/24")
-    client = cli.name("client")
-    cli.run("run", "-d", "--name", client, "--network", net)
+    net, client = _network_with_client(cli, "side3", "10.97.0.0/24")
     netns = _foreign_netns(cli, "dock")
     # what Docker's embedded DNS installs in a container's netns
     subprocess.run(["ip", "netns", "exec", netns, "iptables", "-t", "nat", "-A", "OUTPUT", "-d", "127.0.0.11/32",
