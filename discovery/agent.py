@@ -18,10 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lb.sync import LbSync, make_backend
+
 from . import __version__, firewall, netlink
 from .api import ApiServer
 from .errors import EtcdUnavailableError, SvcnetError
 from .etcd import TRANSIENT_ERRORS, connect
+from .health import HealthChecker, HealthSpec
 from .keys import KeyLayout
 from .lease import LeaseKeeper
 from .metrics import Metrics, MetricsServer
@@ -45,6 +48,8 @@ class AgentConfig:
     resolver: ResolverConfig = ResolverConfig()
     metrics_addr: tuple[str, int] | None = ("127.0.0.1", 9253)
     metrics_addr_explicit: bool = False  # a busy default port is a warning, a busy chosen one an error
+    lb_backend: str = "auto"  # auto | ipvs | iptables
+    drain_grace: float = 30.0  # IPVS: seconds a removed task keeps its established connections
 
     @property
     def socket_path(self) -> Path:
@@ -170,6 +175,9 @@ class Agent:
         self.resolver = Resolver(config.resolver, self.metrics)
         self.watcher.subscribe(self.resolver.update)
         self.dns = SandboxResolvers(self.resolver)
+        self.lb = LbSync(make_backend(config.lb_backend, config.drain_grace), self.metrics)
+        self.watcher.subscribe(self.lb.on_view)
+        self.health = HealthChecker(self._report_health)
         self._register_metrics()
         _enable_forwarding()
 
@@ -184,11 +192,15 @@ class Agent:
             asyncio.create_task(self.watcher.run(), name="watch"),
             asyncio.create_task(self.lease.run(), name="lease"),
             asyncio.create_task(self.host_sync.run(), name="host-sync"),
+            asyncio.create_task(self.lb.run(), name="lb-sync"),
             asyncio.create_task(self._reap(), name="reap"),
         ]
         await self.lease.current()
         await self.watcher.ready()
         await self.dns.sync(self.sandboxes.records)
+        for record in self.sandboxes.records.values():
+            self._serve_lb_and_health(record)
+        log.info("load balancer backend=%s", self.lb.backend.name)
         metrics_server = await self._start_metrics()
         await api.start(config.socket_path)
         (config.state_dir / "agent.pid").write_text(str(os.getpid()))
@@ -202,6 +214,7 @@ class Agent:
         crashed = asyncio.ensure_future(asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION))
         await asyncio.wait([crashed, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         await api.close()
+        self.health.stop_all()
         await self.dns.close()
         await metrics_server.close()
         for task in tasks:
@@ -244,6 +257,15 @@ class Agent:
         m.counter_from("svcnet_dns_shadowed_total", "Sandboxes found with 127.0.0.11:53 answered by someone else.",
                        lambda: self.dns.conflicts)
 
+    def _serve_lb_and_health(self, record: SandboxRecord) -> None:
+        self.lb.add(record.name, record.netns, record.networks, foreign=not record.owns_netns)
+        if record.health_check:
+            spec = HealthSpec(**record.health_check)
+            self.health.start(record.name, record.exec_argv(spec.command()), spec, record.health)
+
+    async def _report_health(self, name: str, health: str) -> None:
+        await self.sandboxes.set_health(name, health, await self.lease.current())
+
     async def _connect(self):
         delay = 0.2
         while True:
@@ -275,6 +297,7 @@ class Agent:
             "metrics": f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
             if self.metrics_address else None,
             "dns_sandboxes": len(self.dns.servers),
+            "lb_backend": self.lb.backend.name,
         }
 
     async def _list(self, body, match) -> list:
@@ -294,16 +317,21 @@ class Agent:
         except BaseException:
             await self.sandboxes.remove(record.name)
             raise
-        # the sandbox's names resolve (here) by the time the caller hears back
+        self._serve_lb_and_health(record)
+        # its names resolve and its VIPs work by the time the caller hears back
         keys = [(e["network"], record.name) for e in record.endpoints]
         try:
             await self.watcher.wait_for(lambda view: all(k in view.endpoints for k in keys), timeout=5)
+            await self.lb.wait_synced(record.name)
         except TimeoutError:
             log.warning("sandbox not yet in the view sandbox=%s", record.name)
         return record.to_dict()
 
     async def _remove(self, body, match) -> dict:
-        await self.dns.drop(match["name"].lower())
+        name = match["name"].lower()
+        self.health.stop(name)
+        await self.dns.drop(name)
+        await self.lb.drop(name)
         try:
             await self.sandboxes.remove(match["name"])
         except TRANSIENT_ERRORS as exc:

@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, log, nsexec
+from . import __version__, log
 from .api import ApiClient
 from .errors import AgentUnavailableError, SvcnetError
 from .keys import KeyLayout
 from .model import Network, PortSpec, Service
+from .sandbox import exec_argv
 
 # etcd's client (gRPC) and asyncio are imported where they are used: sandbox commands only
 # talk to the agent, and their start-up time is the user's wait.
@@ -142,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     _sandbox_options(p)
     p.add_argument("--hostname", help="hostname inside the sandbox (default: --name)")
     p.add_argument("--ip", help="IPv4 address on the first network (default: the next free one)")
+    health = p.add_argument_group("health check", "the agent runs CMD inside the sandbox; until it passes, the "
+                                  "task is in no DNS answer and gets no VIP traffic")
+    health.add_argument("--health-cmd", metavar="CMD", help="shell command; exit 0 means healthy")
+    health.add_argument("--health-interval", type=float, default=5.0, metavar="SECONDS",
+                        help="seconds between checks, and each check's time limit (default 5)")
+    health.add_argument("--health-retries", type=int, default=3, metavar="N",
+                        help="failures in a row before the task counts as unhealthy (default 3)")
     p.add_argument("-d", "--detach", action="store_true",
                    help="leave the sandbox running in the background (the agent starts COMMAND); "
                         "without it COMMAND runs in the foreground and the sandbox is removed when it exits")
@@ -172,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-ttl", type=int, default=10,
                    help="seconds a dead agent's endpoints stay in the registry (default 10)")
     _resolver_options(p, default_metrics=os.environ.get("SVCNET_METRICS_ADDR", DEFAULT_METRICS_ADDR))
+    _lb_options(p)
 
     p = _command(top, "sidecar", "register one existing netns and answer its DNS (one process per sandbox)",
                  "svcnet sidecar --netns /proc/4242/ns/net --name db --network back --service db", cmd_sidecar)
@@ -187,7 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-ttl", type=int, default=10,
                    help="seconds this sandbox's names outlive a killed sidecar (default 10)")
     _resolver_options(p, default_metrics=os.environ.get("SVCNET_SIDECAR_METRICS_ADDR", ""))
+    _lb_options(p)
     return parser
+
+
+def _lb_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("load balancer", "traffic to a service's VIP goes to its healthy tasks")
+    group.add_argument("--lb-backend", choices=["auto", "ipvs", "iptables"],
+                       default=os.environ.get("SVCNET_LB_BACKEND", "auto"),
+                       help="auto: IPVS when the kernel has it, else iptables DNAT (env SVCNET_LB_BACKEND)")
+    group.add_argument("--drain-grace", type=float, default=30.0, metavar="SECONDS",
+                       help="IPVS: a task that left keeps its established connections this long (default 30)")
 
 
 DEFAULT_METRICS_ADDR = "127.0.0.1:9253"
@@ -454,11 +473,14 @@ def cmd_service_rm(args) -> int:
 
 
 def _sandbox_body(args, command: list[str], detach: bool, netns: str | None = None) -> dict:
-    return {
+    body = {
         "name": args.name, "networks": args.network, "service": args.service, "aliases": args.alias,
         "hostname": getattr(args, "hostname", None), "ip": args.ip, "netns": netns,
         "command": command, "detach": detach,
     }
+    if getattr(args, "health_cmd", None):
+        body["health"] = {"cmd": args.health_cmd, "interval": args.health_interval, "retries": args.health_retries}
+    return body
 
 
 def cmd_run(args) -> int:
@@ -473,16 +495,9 @@ def cmd_run(args) -> int:
     return _run_foreground(agent, record, command)
 
 
-def _exec_argv(record: dict, command: list[str]) -> list[str]:
-    if not record["owns_netns"]:  # someone else's container keeps its own files
-        return nsexec.argv(record["netns"], command)
-    files = record["files"]
-    return nsexec.argv(record["netns"], command, files["resolv_conf"], files["hosts"], record["hostname"])
-
-
 def _run_foreground(agent: ApiClient, record: dict, command: list[str]) -> int:
     """Run COMMAND in the sandbox with our terminal; remove the sandbox when it exits."""
-    process = subprocess.Popen(_exec_argv(record, command))
+    process = subprocess.Popen(exec_argv(record, command))
     forward = lambda signum, frame: process.send_signal(signum)  # noqa: E731
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
@@ -505,7 +520,7 @@ def cmd_exec(args) -> int:
     if not command:
         raise SvcnetError("give a COMMAND after --, e.g. svcnet exec NAME -- ip addr")
     record = _agent(args).call("GET", f"/v1/sandboxes/{args.name}")
-    argv = _exec_argv(record, command)
+    argv = exec_argv(record, command)
     os.execvp(argv[0], argv)
     return 127  # not reached
 
@@ -542,6 +557,7 @@ def cmd_agent(args) -> int:
         _etcd_url(args), KeyLayout(args.prefix).prefix, args.node, args.state_dir, args.lease_ttl,
         resolver=_resolver_config(args), metrics_addr=_metrics_address(args),
         metrics_addr_explicit=args.metrics_addr != DEFAULT_METRICS_ADDR,
+        lb_backend=args.lb_backend, drain_grace=args.drain_grace,
     )
     _run_loop(Agent(config).run())
     return 0
@@ -558,6 +574,7 @@ def cmd_sidecar(args) -> int:
         _etcd_url(args), KeyLayout(args.prefix).prefix, args.node, args.state_dir, path, args.name,
         tuple(args.network), args.service, tuple(args.alias), args.hostname, args.ip, args.lease_ttl,
         resolver=_resolver_config(args), metrics_addr=_metrics_address(args),
+        lb_backend=args.lb_backend, drain_grace=args.drain_grace,
     )
     return _run_loop(run_sidecar(config))
 

@@ -17,6 +17,7 @@ from iptc import easy
 
 from .model import Network
 from .netlink import bridge_name
+from .xtables import LOCK, fresh_table, release
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,6 @@ def _normalize(rules: list[dict]) -> list[dict]:
     return cleaned
 
 
-def _table(name: str) -> iptc.Table:
-    table = iptc.Table(name)
-    table.autocommit = False
-    table.refresh()  # iptc caches handles: read what the kernel holds now
-    return table
-
-
 def _dump(chain: iptc.Chain) -> list[dict]:
     return _normalize([easy.decode_iptc_rule(rule) for rule in chain.rules])
 
@@ -79,7 +73,7 @@ def _sync_chain(table_name: str, parent: str, chain_name: str, rules: list[dict]
 
     Everything happens on one table handle and lands in one commit.
     """
-    table = _table(table_name)
+    table = fresh_table(table_name)
     changed = False
     if not table.is_chain(chain_name):
         table.create_chain(chain_name)
@@ -97,15 +91,16 @@ def _sync_chain(table_name: str, parent: str, chain_name: str, rules: list[dict]
         changed = True
     if changed:
         table.commit()
-    table.autocommit = True
+    release(table)
     return changed
 
 
 def sync(prefix: str, networks: Iterable[Network]) -> bool:
     networks = list(networks)
     forward_chain, nat_chain = chain_names(prefix)
-    changed = _sync_chain("filter", "FORWARD", forward_chain, forward_rules(prefix, networks))
-    changed |= _sync_chain("nat", "POSTROUTING", nat_chain, nat_rules(prefix, networks))
+    with LOCK:
+        changed = _sync_chain("filter", "FORWARD", forward_chain, forward_rules(prefix, networks))
+        changed |= _sync_chain("nat", "POSTROUTING", nat_chain, nat_rules(prefix, networks))
     if changed:
         log.info("firewall rules updated prefix=%s networks=%d", prefix, len(networks))
     return changed
@@ -114,13 +109,14 @@ def sync(prefix: str, networks: Iterable[Network]) -> bool:
 def remove(prefix: str) -> None:
     """Delete svcnet's chains for ``prefix`` and the jumps to them."""
     for table_name, parent, chain_name in zip(("filter", "nat"), ("FORWARD", "POSTROUTING"), chain_names(prefix), strict=False):
-        table = _table(table_name)
-        if table.is_chain(chain_name):
-            parent_chain = iptc.Chain(table, parent)
-            for rule in list(parent_chain.rules):
-                if rule.target.name == chain_name:
-                    parent_chain.delete_rule(rule)
-            iptc.Chain(table, chain_name).flush()
-            table.delete_chain(chain_name)
-            table.commit()
-        table.autocommit = True
+        with LOCK:
+            table = fresh_table(table_name)
+            if table.is_chain(chain_name):
+                parent_chain = iptc.Chain(table, parent)
+                for rule in list(parent_chain.rules):
+                    if rule.target.name == chain_name:
+                        parent_chain.delete_rule(rule)
+                iptc.Chain(table, chain_name).flush()
+                table.delete_chain(chain_name)
+                table.commit()
+            release(table)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import netlink, nsexec
 from .errors import ConflictError, NotFoundError, ValidationError
+from .health import HealthSpec
 from .model import Endpoint, Network, normalize_name
 from .procs import pid_alive
 from .registry import Registry, SandboxRequest
@@ -42,6 +43,7 @@ class SandboxSpec:
     netns: str | None = None  # attach to this existing netns path instead of making one
     command: list[str] = field(default_factory=list)
     detach: bool = False
+    health: dict | None = None  # HealthSpec fields: cmd, interval, retries
 
     @classmethod
     def from_dict(cls, data: dict) -> SandboxSpec:
@@ -73,6 +75,8 @@ class SandboxRecord:
     exit_code: int | None = None
     created_at: float = field(default_factory=time.time)
     files: dict = field(default_factory=dict)
+    health_check: dict | None = None  # HealthSpec fields, when the owner checks this sandbox
+    health: str = "healthy"
 
     def status(self) -> str:
         if self.pid is None:
@@ -81,10 +85,22 @@ class SandboxRecord:
             return f"exited ({self.exit_code})"
         return "running" if pid_alive(self.pid) else "exited"
 
+    def exec_argv(self, command: list[str]) -> list[str]:
+        """Run ``command`` inside this sandbox as `svcnet exec` does (its resolv.conf, hosts, hostname)."""
+        return exec_argv(self.to_dict(), command)
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["status"] = self.status()
         return data
+
+
+def exec_argv(record: dict, command: list[str]) -> list[str]:
+    """For a sandbox record as the API returns it; someone else's netns keeps its own files."""
+    if not record["owns_netns"]:
+        return nsexec.argv(record["netns"], command)
+    files = record["files"]
+    return nsexec.argv(record["netns"], command, files["resolv_conf"], files["hosts"], record["hostname"])
 
 
 class SandboxManager:
@@ -127,7 +143,7 @@ class SandboxManager:
             raise NotFoundError(f"no sandbox named {name!r} on this node; 'svcnet ps' lists them")
         return record
 
-    def _request(self, record: SandboxRecord, health: str = "healthy") -> SandboxRequest:
+    def _request(self, record: SandboxRecord) -> SandboxRequest:
         held = []
         for endpoint in record.endpoints:
             held.append((endpoint["network"], endpoint["ipv4"]))
@@ -136,7 +152,7 @@ class SandboxManager:
         return SandboxRequest(
             container=record.name, networks=tuple(record.networks), node=self.node,
             hostname=record.hostname, aliases=tuple(record.aliases), service=record.service,
-            addresses=tuple(held), netns=record.netns, health=health,
+            addresses=tuple(held), netns=record.netns, health=record.health,
         )
 
     async def reassert(self, lease: int) -> None:
@@ -146,6 +162,15 @@ class SandboxManager:
                 await self.registry.register_sandbox(self._request(record), lease)
             except (ConflictError, NotFoundError, ValidationError) as exc:
                 log.error("cannot re-register sandbox sandbox=%s error=%s", record.name, exc)
+
+    async def set_health(self, name: str, health: str, lease: int) -> None:
+        """Record a health transition and write it to the registry (answers and VIPs follow)."""
+        record = self.records.get(name)
+        if record is None or record.health == health:
+            return
+        record.health = health
+        self._save(record)
+        await self.registry.register_sandbox(self._request(record), lease)
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -166,10 +191,15 @@ class SandboxManager:
             if not owns and not netlink.netns_exists(path):
                 raise NotFoundError(f"network namespace {path!r} does not exist")
             networks = [n.lower() for n in spec.networks]
+            try:
+                health_check = HealthSpec(**spec.health).to_dict() if spec.health else None
+            except TypeError:
+                raise ValidationError("health takes cmd, interval and retries") from None
             request = SandboxRequest(
                 container=name, networks=tuple(networks), node=self.node,
                 hostname=spec.hostname or name, aliases=tuple(spec.aliases), service=spec.service,
                 addresses=((networks[0], spec.ip),) if spec.ip else (), netns=path,
+                health="starting" if health_check else "healthy",
             )
             endpoints = await self.registry.register_sandbox(request, lease)
             network_objects = {n: await self.registry.get_network(n) for n in networks}
@@ -177,6 +207,7 @@ class SandboxManager:
                 name=name, netns=path, owns_netns=owns, hostname=request.hostname or name,
                 networks=networks, attachments=[], endpoints=[e.to_dict() for e in endpoints],
                 service=request.service, aliases=list(request.aliases), command=list(spec.command),
+                health_check=health_check, health=request.health,
             )
             try:
                 await asyncio.to_thread(self._build, record, endpoints, network_objects)

@@ -2,7 +2,8 @@
 
 For a compose service or a Kubernetes pod: it attaches the netns to svcnet networks,
 registers the endpoints under its *own* lease, answers 127.0.0.11:53 inside that netns with
-the same resolver code the agent uses, and on SIGTERM deregisters and detaches. If it is
+the same resolver code the agent uses, programs its load balancing (VIPs -> healthy tasks)
+with the agent's backend code, and on SIGTERM deregisters and detaches. If it is
 killed outright, its lease runs out after ``--lease-ttl`` seconds and the names vanish from
 every resolver.
 """
@@ -14,6 +15,8 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lb.sync import LbSync, make_backend
 
 from .errors import EtcdUnavailableError, SvcnetError
 from .etcd import connect
@@ -44,6 +47,8 @@ class SidecarConfig:
     lease_ttl: int = 10
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
     metrics_addr: tuple[str, int] | None = None
+    lb_backend: str = "auto"
+    drain_grace: float = 30.0
 
 
 async def run_sidecar(config: SidecarConfig) -> int:
@@ -57,9 +62,12 @@ async def run_sidecar(config: SidecarConfig) -> int:
     metrics = Metrics()
     resolver = Resolver(config.resolver, metrics)
     watcher.subscribe(resolver.update)
+    balancer = LbSync(make_backend(config.lb_backend, config.drain_grace), metrics)
+    watcher.subscribe(balancer.on_view)
     lease = LeaseKeeper(client, config.lease_ttl)
     manager = SandboxManager(registry, keys.prefix, config.node, config.state_dir / "sidecars" / config.name)
-    tasks = [asyncio.create_task(watcher.run(), name="watch"), asyncio.create_task(lease.run(), name="lease")]
+    tasks = [asyncio.create_task(watcher.run(), name="watch"), asyncio.create_task(lease.run(), name="lease"),
+             asyncio.create_task(balancer.run(), name="lb-sync")]
     metrics_server = MetricsServer(metrics)
     server: SandboxServer | None = None
     record = None
@@ -73,6 +81,8 @@ async def run_sidecar(config: SidecarConfig) -> int:
         await server.start()
         if not await server.check():
             raise SvcnetError(f"netns {config.netns}: {DNAT_HINT}")
+        balancer.add(record.name, record.netns, record.networks, foreign=True)
+        await balancer.wait_synced(record.name)
         if config.metrics_addr is not None:
             host, port = await metrics_server.start(*config.metrics_addr)
             log.info("metrics serving address=http://%s:%d/metrics", host, port)
@@ -82,6 +92,8 @@ async def run_sidecar(config: SidecarConfig) -> int:
     finally:
         if server is not None:
             await server.close()
+        if record is not None:
+            await balancer.drop(record.name)
         await metrics_server.close()
         if record is not None:
             try:

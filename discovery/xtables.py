@@ -1,0 +1,63 @@
+"""Shared use of python-iptables: one lock, fresh table handles.
+
+iptc keeps one Table object per table name for the whole process, and its libiptc handle
+belongs to the netns of the thread that last refreshed it. So every user (the host
+firewall, each sandbox's load balancer) takes ``LOCK``, enters its netns, refreshes, and
+commits before letting go.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import iptc
+from iptc import easy
+
+LOCK = threading.RLock()
+
+
+def fresh_table(name: str) -> iptc.Table:
+    """The ``name`` table as the kernel holds it now in this thread's netns, autocommit off."""
+    table = iptc.Table(name)
+    table.autocommit = False
+    table.refresh()
+    return table
+
+
+def release(table: iptc.Table) -> None:
+    table.autocommit = True
+
+
+def ensure_jump(table: iptc.Table, parent: str, chain_name: str) -> bool:
+    """Create ``chain_name`` and one jump to it at the top of ``parent``; True if anything changed."""
+    changed = False
+    if not table.is_chain(chain_name):
+        table.create_chain(chain_name)
+        changed = True
+    parent_chain = iptc.Chain(table, parent)
+    if not any(rule.target.name == chain_name for rule in parent_chain.rules):
+        parent_chain.insert_rule(easy.encode_iptc_rule({"target": chain_name}))
+        changed = True
+    return changed
+
+
+def drop_chain(table: iptc.Table, parent: str, chain_name: str) -> None:
+    """Remove the jumps from ``parent`` to ``chain_name``, then the chain."""
+    if not table.is_chain(chain_name):
+        return
+    parent_chain = iptc.Chain(table, parent)
+    for rule in list(parent_chain.rules):
+        if rule.target.name == chain_name:
+            parent_chain.delete_rule(rule)
+    iptc.Chain(table, chain_name).flush()
+    table.delete_chain(chain_name)
+
+
+def delete_rules(chain: iptc.Chain, rules: Iterable[dict]) -> None:
+    """Delete by content (libiptc matches the whole entry): no walk over the chain."""
+    for rule in rules:
+        try:
+            chain.delete_rule(easy.encode_iptc_rule(rule))
+        except iptc.IPTCError:
+            pass  # not there: nothing to undo

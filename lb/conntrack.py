@@ -1,0 +1,46 @@
+"""Stale conntrack cleanup: UDP flows to a VIP whose backend is gone must move on at once.
+
+A UDP "connection" has no end, so its conntrack entry (and the DNAT decision in it) lives
+as long as packets keep coming; kube-proxy's most reported bug class. After a sync removes
+backends, entries whose original destination is the VIP and whose reply comes from a
+removed backend are deleted; the next packet is load-balanced afresh. TCP entries are left
+alone: an established connection to a draining task should finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Mapping
+from ipaddress import IPv4Address
+
+from pyroute2 import Conntrack
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+from discovery import netlink
+
+log = logging.getLogger(__name__)
+
+
+def forget_udp_flows(netns: str, lost: Mapping[IPv4Address, set[IPv4Address]]) -> int:
+    """Delete UDP conntrack entries VIP -> removed backend in ``netns``; returns how many."""
+    if not lost:
+        return 0
+    deleted = 0
+    # pyroute2 opens its socket on first use: keep every call inside the netns
+    with netlink.entered_netns(netns):
+        conntrack = Conntrack()
+        try:
+            for vip, backends in lost.items():
+                gone = {str(b) for b in backends}
+                wanted = NFCTAttrTuple(proto=socket.IPPROTO_UDP, daddr=str(vip))
+                for entry in list(conntrack.dump_entries(tuple_orig=wanted)):
+                    if entry.tuple_reply.saddr in gone:
+                        try:
+                            conntrack.delete(entry)
+                            deleted += 1
+                        except OSError as exc:  # expired meanwhile
+                            log.debug("conntrack delete failed error=%s", exc)
+        finally:
+            conntrack.close()
+    return deleted

@@ -1,0 +1,90 @@
+"""The load-balancing plan: what a sandbox's kernel should do with each VIP it can reach.
+
+Pure: View in, plain data out, so it can be diffed, unit-tested and compared across
+restarts. For every ``vip``-mode service on a network the sandbox is attached to, the
+plan holds that network's VIP and the addresses of the service's *healthy* tasks on the
+same network (sorted, so equal plans compare equal). A service with no healthy task stays
+in the plan with no backends: its VIP must refuse connections, not swallow them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from discovery.view import View
+
+
+@dataclass(frozen=True, order=True)
+class VipPlan:
+    vip: IPv4Address
+    service: str
+    network: str
+    backends: tuple[IPv4Address, ...]
+
+    @property
+    def signature(self) -> str:
+        """A short digest of everything that shapes the rules; equal plans, equal signatures."""
+        text = ",".join([str(self.vip), self.service, self.network, *map(str, self.backends)])
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+    @property
+    def tag(self) -> str:
+        """Stable per-VIP name part for chains (``SVCNET-S-<tag>``)."""
+        return hashlib.sha1(str(self.vip).encode()).hexdigest()[:10].upper()
+
+
+Plan = Mapping[IPv4Address, VipPlan]
+
+
+def plan_for(view: View, attached: Sequence[str]) -> dict[IPv4Address, VipPlan]:
+    """The desired VIPs for a sandbox attached to ``attached`` networks."""
+    attached_set = set(attached)
+    healthy: dict[tuple[str, str], list[IPv4Address]] = {}
+    for endpoint in view.endpoints.values():
+        if endpoint.service and endpoint.health == "healthy" and endpoint.network in attached_set:
+            healthy.setdefault((endpoint.service, endpoint.network), []).append(endpoint.ipv4)
+    plan: dict[IPv4Address, VipPlan] = {}
+    for service in view.services.values():
+        if service.endpoint_mode != "vip":
+            continue
+        for network in service.networks:
+            vip = service.vips.get(network)
+            if network not in attached_set or vip is None:
+                continue
+            backends = tuple(sorted(healthy.get((service.name, network), ())))
+            plan[vip] = VipPlan(vip, service.name, network, backends)
+    return plan
+
+
+@dataclass(frozen=True)
+class PlanDiff:
+    added: tuple[VipPlan, ...]
+    changed: tuple[tuple[VipPlan, VipPlan], ...]  # (old, new)
+    removed: tuple[VipPlan, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.changed or self.removed)
+
+    def lost_backends(self) -> dict[IPv4Address, set[IPv4Address]]:
+        """VIP -> backends that stopped serving it (for conntrack cleanup and draining)."""
+        lost = {old.vip: set(old.backends) - set(new.backends) for old, new in self.changed}
+        lost.update({old.vip: set(old.backends) for old in self.removed})
+        return {vip: gone for vip, gone in lost.items() if gone}
+
+
+def diff(current: Plan, desired: Plan) -> PlanDiff:
+    added = tuple(desired[v] for v in sorted(desired.keys() - current.keys()))
+    removed = tuple(current[v] for v in sorted(current.keys() - desired.keys()))
+    changed = tuple((current[v], desired[v]) for v in sorted(current.keys() & desired.keys())
+                    if current[v] != desired[v])
+    return PlanDiff(added, changed, removed)
+
+
+def rule_count(plans: Iterable[VipPlan]) -> int:
+    """Rules the iptables backend keeps for these plans (one dispatch rule + one per backend,
+    or two reject rules when a VIP has no backend)."""
+    return sum(1 + (len(p.backends) if p.backends else 2) for p in plans)

@@ -1,0 +1,219 @@
+"""Acceptance: real TCP and UDP traffic to a VIP through the kernel rules svcnet programs.
+
+Tasks are sandboxes from `svcnet run` running tests/taskserver.py (answers with its own
+name). Clients are sockets opened inside a client sandbox's netns. The backend is the one
+the agent picks (iptables on a kernel without IPVS); the VM lane runs this file again with
+SVCNET_LB_BACKEND=ipvs.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from discovery import netlink
+from tests.acceptance.test_dns import _wait
+from tests.helpers import require_tools
+
+TASK_SERVER = str(Path(__file__).resolve().parent.parent / "taskserver.py")
+PORT = 8080
+
+
+@pytest.fixture(autouse=True)
+def _tools():
+    require_tools("ip", "etcd", "iptables-legacy-save")
+
+
+def _socket(cli, sandbox: str, kind: int) -> socket.socket:
+    with netlink.entered_netns(cli.netns(sandbox)):
+        sock = socket.socket(socket.AF_INET, kind)
+    sock.settimeout(2)
+    return sock
+
+
+def _tcp_name(cli, client: str, address: str) -> str:
+    with _socket(cli, client, socket.SOCK_STREAM) as sock:
+        sock.connect((address, PORT))
+        return sock.recv(64).split(b"\n")[0].decode()
+
+
+def _udp_name(cli, client: str, address: str) -> str:
+    with _socket(cli, client, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"?", (address, PORT))
+        return sock.recv(64).decode()
+
+
+def _spread(cli, client: str, vip: str, count: int, udp: bool = False) -> Counter:
+    ask = _udp_name if udp else _tcp_name
+    return Counter(ask(cli, client, vip) for _ in range(count))
+
+
+def _names_seen(cli, client: str, vip: str, count: int) -> set[str]:
+    """Tasks that answered ``count`` connections; refused or timed-out tries count as none."""
+    seen = set()
+    for _ in range(count):
+        try:
+            seen.add(_tcp_name(cli, client, vip))
+        except OSError:
+            pass
+    return seen
+
+
+def _task(cli, name: str, network: str, service: str = "web", *extra: str) -> str:
+    cli.run("run", "-d", "--name", name, "--network", network, "--service", service, *extra,
+            "--", sys.executable, TASK_SERVER, name, str(PORT))
+    return next(r for r in cli.json("ps") if r["name"] == name)["endpoints"][0]["ipv4"]
+
+
+def _listening(cli, client: str, address: str) -> bool:
+    try:
+        _tcp_name(cli, client, address)
+        return True
+    except OSError:
+        return False
+
+
+def _service_with_tasks(cli, count: int, subnet: str, *task_flags: str) -> tuple[str, str, str, dict[str, str]]:
+    net, client = cli.name("lb"), cli.name("client")
+    cli.run("network", "create", net, "--subnet", subnet)
+    cli.run("service", "create", "web", "--network", net, "--publish", str(PORT))
+    cli.run("run", "-d", "--name", client, "--network", net)
+    tasks = {cli.name(f"t{i}"): "" for i in range(1, count + 1)}
+    for name in tasks:
+        tasks[name] = _task(cli, name, net, "web", *task_flags)
+    for address in tasks.values():
+        assert _wait(lambda a=address: _listening(cli, client, a), 10, step=0.1), f"task at {address} never listened"
+    vip = cli.json("service", "inspect", "web")["vips"][net]
+    return net, client, vip, tasks
+
+
+def test_vip_spreads_tcp_and_udp_evenly_and_follows_scaling(cli):
+    net, client, vip, tasks = _service_with_tasks(cli, 3, "10.120.0.0/24")
+    tcp = _spread(cli, client, vip, 300)
+    assert set(tcp) == set(tasks) and all(60 <= n <= 140 for n in tcp.values()), tcp
+    udp = _spread(cli, client, vip, 300, udp=True)
+    assert set(udp) == set(tasks) and all(60 <= n <= 140 for n in udp.values()), udp
+
+    for name in (cli.name("t4"), cli.name("t5")):
+        address = _task(cli, name, net)
+        assert _wait(lambda a=address: _listening(cli, client, a), 10, step=0.1)
+        tasks[name] = address
+    assert _wait(lambda: len(_names_seen(cli, client, vip, 60)) == 5, 5), "new tasks get connections"
+    scaled = _spread(cli, client, vip, 500)
+    assert set(scaled) == set(tasks) and all(50 <= n <= 150 for n in scaled.values()), scaled
+
+
+def test_unhealthy_task_gets_nothing_new_while_its_connection_finishes(cli, tmp_path):
+    flags = tmp_path / "health"
+    flags.mkdir()
+    for index in range(1, 4):
+        (flags / cli.name(f"t{index}")).touch()
+    net, client, vip, tasks = _service_with_tasks(
+        cli, 3, "10.121.0.0/24", "--health-cmd", f"test -e {flags}/$(hostname)",
+        "--health-interval", "0.3", "--health-retries", "1")
+    assert _wait(lambda: len(_names_seen(cli, client, vip, 30)) == 3, 10), "all three pass their checks"
+    sick = cli.name("t1")
+
+    held = None
+    for _ in range(100):  # a connection that landed on the task about to go
+        sock = _socket(cli, client, socket.SOCK_STREAM)
+        sock.connect((vip, PORT))
+        if sock.recv(64).split(b"\n")[0].decode() == sick:
+            held = sock
+            break
+        sock.close()
+    assert held is not None
+    (flags / sick).unlink()
+    assert _wait(lambda: sick not in _names_seen(cli, client, vip, 30), 5), "unhealthy: out of the VIP"
+    spread = _spread(cli, client, vip, 150)
+    assert sick not in spread and set(spread) == set(tasks) - {sick}, spread
+    held.sendall(b"still there\n")
+    assert held.recv(64) == b"still there\n", "the established connection finishes on its task"
+    held.close()
+
+    (flags / sick).touch()
+    assert _wait(lambda: sick in _names_seen(cli, client, vip, 60), 5), "healthy again: back in the VIP"
+
+
+def test_udp_flow_leaves_a_removed_task_within_a_second(cli):
+    _, client, vip, tasks = _service_with_tasks(cli, 3, "10.122.0.0/24")
+    flow = _socket(cli, client, socket.SOCK_DGRAM)  # one source port: one conntrack entry
+    flow.settimeout(0.1)
+    flow.sendto(b"?", (vip, PORT))
+    first = flow.recv(64).decode()
+    cli.run("rm", first)
+    removed_at = time.monotonic()
+    moved_to = None
+    while time.monotonic() - removed_at < 3 and moved_to is None:
+        flow.sendto(b"?", (vip, PORT))
+        try:
+            answer = flow.recv(64).decode()
+        except (TimeoutError, ConnectionRefusedError):
+            continue
+        if answer != first:
+            moved_to = answer
+    took = time.monotonic() - removed_at
+    flow.close()
+    assert moved_to in tasks and moved_to != first
+    assert took < 1.0, f"the flow moved after {took:.2f}s"
+
+
+def test_vip_without_tasks_refuses_and_other_networks_cannot_reach_it(cli):
+    net, client, vip, _ = _service_with_tasks(cli, 1, "10.123.0.0/24")
+    cli.run("service", "create", "empty", "--network", net)
+    empty_vip = cli.json("service", "inspect", "empty")["vips"][net]
+    started = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        _tcp_name(cli, client, empty_vip)
+    # a local sender hears the reject as EPERM on send, or ECONNREFUSED from the ICMP error
+    with pytest.raises((ConnectionRefusedError, PermissionError)):
+        with _socket(cli, client, socket.SOCK_DGRAM) as sock:
+            sock.connect((empty_vip, PORT))
+            sock.send(b"?")
+            sock.recv(64)
+    assert time.monotonic() - started < 1.5, "refused at once, not a timeout"
+
+    other_net, outsider = cli.name("elsewhere"), cli.name("outsider")
+    cli.run("network", "create", other_net, "--subnet", "10.124.0.0/24")
+    cli.run("run", "-d", "--name", outsider, "--network", other_net)
+    with pytest.raises(OSError):
+        _tcp_name(cli, outsider, vip)
+
+
+def _rules(cli, sandbox: str, backend: str) -> str:
+    """The sandbox's rules without counters (and IPVS's table, with that backend)."""
+    netns = cli.netns(sandbox)
+    text = subprocess.run(["nsenter", f"--net={netns}", "iptables-legacy-save"], capture_output=True, text=True,
+                          check=True).stdout
+    text = "\n".join(re.sub(r"\[\d+:\d+\]", "", line) for line in text.splitlines() if not line.startswith("#"))
+    if backend == "ipvs":
+        text += subprocess.run(["nsenter", f"--net={netns}", "ipvsadm", "-Sn"], capture_output=True, text=True,
+                               check=True).stdout
+    return text
+
+
+def test_agent_restart_keeps_flows_and_leaves_rules_identical(cli):
+    _, client, vip, tasks = _service_with_tasks(cli, 3, "10.125.0.0/24")
+    backend = cli.info()["lb_backend"]
+    before = {name: _rules(cli, name, backend) for name in [client, *tasks]}
+    assert f"-d {vip}/32" in before[client]
+    held = _socket(cli, client, socket.SOCK_STREAM)
+    held.connect((vip, PORT))
+    held_task = held.recv(64).split(b"\n")[0].decode()
+
+    cli.stop_agent()
+    cli.run("ps")  # the CLI starts it again
+    assert cli.info()["pid"] != 0
+    held.sendall(b"after restart\n")
+    assert held.recv(64) == b"after restart\n", f"the connection to {held_task} survived"
+    held.close()
+    assert set(_spread(cli, client, vip, 60)) == set(tasks)
+    after = {name: _rules(cli, name, backend) for name in [client, *tasks]}
+    assert after == before
