@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from urllib.parse import urlsplit
 
 import aetcd
@@ -41,17 +42,28 @@ def parse_endpoints(text: str) -> list[tuple[str, int]]:
 
 # gRPC's default reconnect backoff grows to 120 s; a registry client wants to be back
 # within seconds of etcd returning. Keepalives find a dead peer that sent no RST.
+# min_reconnect_backoff is also gRPC's *connect timeout*: too small and a slow machine (or
+# a VM under emulation) never finishes the HTTP/2 handshake.
 CHANNEL_OPTIONS = {
     "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 5000,
     "grpc.max_reconnect_backoff_ms": 2000,
     "grpc.keepalive_time_ms": 10000,
     "grpc.keepalive_timeout_ms": 5000,
 }
 
 
-async def connect(urls: str, timeout: float = 3.0) -> aetcd.Client:
+def default_timeout() -> float:
+    """Seconds per etcd request (env SVCNET_ETCD_TIMEOUT, default 3; raise it on slow machines)."""
+    try:
+        return float(os.environ.get("SVCNET_ETCD_TIMEOUT", "3"))
+    except ValueError:
+        raise ValidationError("SVCNET_ETCD_TIMEOUT must be a number of seconds") from None
+
+
+async def connect(urls: str, timeout: float | None = None) -> aetcd.Client:
     """An aetcd client for the first endpoint that answers a status call."""
+    timeout = timeout if timeout is not None else default_timeout()
     errors = []
     for host, port in parse_endpoints(urls):
         client = aetcd.Client(host=host, port=port, timeout=timeout, options=CHANNEL_OPTIONS)

@@ -207,7 +207,7 @@ def _sync_udp(ipvs, state: NetnsState, vip: IPv4Address, backends: tuple[IPv4Add
 def _service(ipvs, command: str, mark: int) -> None:
     from pyroute2 import IPVSService
     try:
-        ipvs.service(command, service=IPVSService(fwmark=mark, af=socket.AF_INET, sched_name="rr"))
+        ipvs.service(command, service=IPVSService(fwmark=mark, af=socket.AF_INET, sched_name="rr", netmask="255.255.255.255"))
     except Exception as exc:  # exists already / gone already: converge, do not fail the sync
         if command == "add" and "exist" not in str(exc).lower():
             raise
@@ -216,7 +216,7 @@ def _service(ipvs, command: str, mark: int) -> None:
 
 def _dest(ipvs, command: str, mark: int, backend: IPv4Address, weight: int) -> None:
     from pyroute2 import IPVSDest, IPVSService
-    service = IPVSService(fwmark=mark, af=socket.AF_INET, sched_name="rr")
+    service = IPVSService(fwmark=mark, af=socket.AF_INET, sched_name="rr", netmask="255.255.255.255")
     dest = IPVSDest(addr=str(backend), port=0, fwd_method=MASQUERADE, weight=weight)
     ipvs.dest(command, service=service, dest=dest)
 

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Install what svcnet needs on a Debian/Ubuntu machine, as root: system packages and a
 # virtualenv at .venv with svcnet and its test extras. Safe to run again.
+# --with-vm-lane adds what the IPVS lane needs: a kernel with IPVS and qemu to boot it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server etcd-client iproute2 iptables dnsutils iputils-ping conntrack
               python3 python3-venv python3-dev gcc procps util-linux)
+if [[ ${1:-} == --with-vm-lane ]]; then
+    APT_PACKAGES+=(linux-image-amd64 qemu-system-x86 busybox-static ipvsadm)
+fi
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

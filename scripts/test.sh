@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # Install everything, then run the whole test suite (unit, integration on a real etcd,
-# acceptance on real namespaces and bridges). Needs root. Extra args go to pytest.
+# acceptance on real namespaces and bridges), then the IPVS lane in a VM (this kernel has
+# no IPVS). Needs root. Extra args go to pytest; SVCNET_SKIP_VM_LANE=1 leaves the VM out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $EUID -ne 0 ]]; then
     echo "scripts/test.sh needs root (network namespaces, bridges, iptables); run it with sudo" >&2
     exit 1
 fi
-scripts/install-deps.sh
+if [[ ${SVCNET_SKIP_VM_LANE:-0} != 1 ]]; then
+    scripts/install-deps.sh --with-vm-lane
+else
+    scripts/install-deps.sh
+fi
 echo "==> ruff"
 .venv/bin/ruff check discovery lb tests bench
 echo "==> pytest"
-exec .venv/bin/python -m pytest -p no:cacheprovider -ra "$@" tests
+.venv/bin/python -m pytest -p no:cacheprovider -ra "$@" tests
+if [[ ${SVCNET_SKIP_VM_LANE:-0} != 1 ]]; then
+    echo "==> ipvs lane (VM)"
+    tests/vm/ipvs-lane.sh
+fi

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The IPVS lane: this machine's kernel has no IPVS, so boot Debian's kernel in a VM with
+# virtme-ng (over this machine's own filesystem, so the same .venv and etcd run inside)
+# and run the load-balancer backend acceptance tests (tests/acceptance/test_lb_backend.py)
+# there with the ipvs backend. The whole agent starts far too slowly under emulation (~35 s
+# per CLI call); tests/acceptance/test_lb.py runs it on the host, with iptables.
+# Needs: linux-image-amd64, qemu-system-x86, busybox-static, ipvsadm (apt) and virtme-ng
+# (pip, in .venv) -- scripts/install-deps.sh installs them.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+kernel=$(ls /boot/vmlinuz-* 2>/dev/null | sort -V | tail -1)
+if [[ -z $kernel ]]; then
+    echo "ipvs lane: no kernel under /boot; apt-get install linux-image-amd64" >&2
+    exit 1
+fi
+export PATH=$repo/.venv/bin:$PATH
+result=$(mktemp /tmp/svcnet-ipvs-lane.XXXXXX)
+echo "==> ipvs lane: booting $kernel under emulation (KVM fails here on an MSR)"
+# the VM's /tmp is its own and the host tree may be read-only in it: the exit code comes
+# back on the console
+vng --run "$kernel" --disable-kvm --memory 2G --cpus 2 --exec "
+    cd $repo && modprobe ip_vs && \
+    SVCNET_LB_BACKEND=ipvs SVCNET_ETCD_TIMEOUT=30 .venv/bin/python -m pytest -p no:cacheprovider -ra \
+        --timeout 900 tests/acceptance/test_lb_backend.py; echo svcnet-ipvs-lane-exit=\$?" 2>&1 | tee "$result"
+code=$(grep -o 'svcnet-ipvs-lane-exit=[0-9]*' "$result" | tail -1 | cut -d= -f2)
+rm -f "$result"
+if [[ -z $code ]]; then
+    echo "ipvs lane: the VM did not report a result" >&2
+    exit 1
+fi
+exit "$code"
