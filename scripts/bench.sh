@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install what the benchmarks need and run them (as root): DNS vs Docker, then the registry.
+# Install what the benchmarks need and run them (as root): DNS vs Docker, load balancer, registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 DEBIAN_FRONTEND=noninteractive apt-get install -y -q dnsperf docker.io nftables util-linux >/dev/null
 .venv/bin/python bench/dns_bench.py "$@"
+.venv/bin/python bench/lb_bench.py
 .venv/bin/python bench/registry_bench.py

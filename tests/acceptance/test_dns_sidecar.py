@@ -44,6 +44,11 @@ def _network_with_client(cli, suffix: str, subnet: str) -> tuple[str, str]:
     return net, client
 
 
+def _nat_rules(netns: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", netns, "iptables-legacy-save", "-t", "nat"], capture_output=True,
+                          text=True, check=True).stdout
+
+
 def _stop(process: subprocess.Popen, sig=signal.SIGTERM) -> int:
     if process.poll() is None:
         process.send_signal(sig)
@@ -75,11 +80,15 @@ def test_sidecar_registers_serves_and_its_names_die_with_its_lease(cli):
 
 def test_sidecar_sigterm_deregisters_at_once(cli):
     net, client = _network_with_client(cli, "side2", "10.96.0.0/24")
+    cli.run("service", "create", "web", "--network", net)
+    vip = cli.json("service", "inspect", "web")["vips"][net]
     netns = _foreign_netns(cli, "job")
     sidecar = _sidecar(cli, netns, "job", net, "--lease-ttl", "30")
     try:
         assert _wait(lambda: cli.short(client, "job"), 10, step=0.2)
+        assert f"-d {vip}/32" in _nat_rules(netns), "the sidecar programs the netns's VIPs too"
         assert _stop(sidecar) == 0
+        assert "SVCNET" not in _nat_rules(netns), "and takes its rules out of a netns it does not own"
         assert _status(cli.dig(client, "job")) == "NXDOMAIN", "deregistered before exiting, not after 30 s"
         links = subprocess.run(["ip", "-n", netns, "-o", "link"], capture_output=True, text=True).stdout
         assert "eth0" not in links, "and detached from the netns"
