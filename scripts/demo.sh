@@ -39,8 +39,13 @@ trap cleanup EXIT
 step network create demo-front --subnet 10.210.0.0/24 --subnet6 fd00:210::/64
 step network create demo-back --subnet 10.211.0.0/24 --internal
 step service create web --network demo-front --publish 8080:80
-step run -d --name demo-web1 --network demo-front --service web -- sleep 600
-step run -d --name demo-web2 --network demo-front --service web -- sleep 600
+# each task answers TCP port 80 with its hostname
+TASK='import socket
+s = socket.create_server(("", 80)); name = socket.gethostname().encode()
+while True:
+    c, _ = s.accept(); c.sendall(name + b"\n"); c.close()'
+step run -d --name demo-web1 --network demo-front --service web -- python3 -c "$TASK"
+step run -d --name demo-web2 --network demo-front --service web -- python3 -c "$TASK"
 step run -d --name demo-db1 --network demo-back --alias db
 step run -d --name demo-probe --network demo-front --network demo-back
 step ps
@@ -73,3 +78,11 @@ ask demo-probe _80._tcp.web SRV
 ask demo-probe "$(svcnet exec demo-probe -- dig +short web | head -1 | awk -F. '{print $4"."$3"."$2"."$1".in-addr.arpa"}')" PTR
 ask demo-web2 db
 printf '  (demo-web2 is not on demo-back, so "db" is not its name there: it was forwarded)\n'
+
+printf '\n\033[1mthe VIP: six TCP connections from demo-probe to web:80\033[0m\n'
+sleep 1
+svcnet exec demo-probe -- python3 -c '
+import socket
+for _ in range(6):
+    with socket.create_connection(("web", 80), timeout=2) as c:
+        print("  web:80 answered by", c.recv(64).decode().strip())'
