@@ -17,7 +17,7 @@ from iptc import easy
 
 from .model import Network
 from .netlink import bridge_name
-from .xtables import LOCK, fresh_table, release
+from .xtables import LOCK, drop_chain, fresh_table, release
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,6 @@ def remove(prefix: str) -> None:
         with LOCK:
             table = fresh_table(table_name)
             if table.is_chain(chain_name):
-                parent_chain = iptc.Chain(table, parent)
-                for rule in list(parent_chain.rules):
-                    if rule.target.name == chain_name:
-                        parent_chain.delete_rule(rule)
-                iptc.Chain(table, chain_name).flush()
-                table.delete_chain(chain_name)
+                drop_chain(table, parent, chain_name)
                 table.commit()
             release(table)

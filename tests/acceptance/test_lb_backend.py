@@ -25,6 +25,7 @@ from lb.conntrack import forget_udp_flows
 from lb.plan import VipPlan, diff
 from lb.sync import make_backend
 from tests.helpers import require_root, require_tools
+from tests.taskserver import echo
 
 PORT = 8080
 SUBNET = "10.140.0"
@@ -84,17 +85,7 @@ class Topology:
                 conn, _ = server.accept()
             except OSError:
                 return
-            threading.Thread(target=Topology._echo, args=(conn, name), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket, name: bytes) -> None:
-        with conn:
-            try:
-                conn.sendall(name + b"\n")
-                while data := conn.recv(1024):
-                    conn.sendall(data)
-            except OSError:
-                pass
+            threading.Thread(target=echo, args=(conn, name), daemon=True).start()
 
     @staticmethod
     def _answer(sock: socket.socket, name: bytes) -> None:
