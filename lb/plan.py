@@ -39,23 +39,31 @@ class VipPlan:
 Plan = Mapping[IPv4Address, VipPlan]
 
 
-def plan_for(view: View, attached: Sequence[str]) -> dict[IPv4Address, VipPlan]:
-    """The desired VIPs for a sandbox attached to ``attached`` networks."""
-    attached_set = set(attached)
+def network_plans(view: View) -> dict[str, dict[IPv4Address, VipPlan]]:
+    """Every network's VIPs with their healthy backends: computed once per View, shared by
+    every sandbox (a sandbox's plan is the union over the networks it is attached to)."""
     healthy: dict[tuple[str, str], list[IPv4Address]] = {}
     for endpoint in view.endpoints.values():
-        if endpoint.service and endpoint.health == "healthy" and endpoint.network in attached_set:
+        if endpoint.service and endpoint.health == "healthy":
             healthy.setdefault((endpoint.service, endpoint.network), []).append(endpoint.ipv4)
-    plan: dict[IPv4Address, VipPlan] = {}
+    by_network: dict[str, dict[IPv4Address, VipPlan]] = {}
     for service in view.services.values():
         if service.endpoint_mode != "vip":
             continue
-        for network in service.networks:
-            vip = service.vips.get(network)
-            if network not in attached_set or vip is None:
-                continue
+        for network, vip in service.vips.items():
             backends = tuple(sorted(healthy.get((service.name, network), ())))
-            plan[vip] = VipPlan(vip, service.name, network, backends)
+            by_network.setdefault(network, {})[vip] = VipPlan(vip, service.name, network, backends)
+    return by_network
+
+
+def plan_for(view: View, attached: Sequence[str],
+             by_network: Mapping[str, Mapping[IPv4Address, VipPlan]] | None = None) -> dict[IPv4Address, VipPlan]:
+    """The desired VIPs for a sandbox attached to ``attached`` networks."""
+    if by_network is None:
+        by_network = network_plans(view)
+    plan: dict[IPv4Address, VipPlan] = {}
+    for network in attached:
+        plan.update(by_network.get(network, {}))
     return plan
 
 

@@ -21,7 +21,7 @@ from discovery.view import View
 from .conntrack import forget_udp_flows
 from .iptables import IptablesBackend
 from .ipvs import IpvsBackend, ipvs_available
-from .plan import Plan, diff, plan_for, rule_count
+from .plan import Plan, diff, network_plans, plan_for, rule_count
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,9 @@ class LbSync:
     async def sync_all(self) -> None:
         view = self.view
         now = time.monotonic()
+        by_network = network_plans(view)
         for name, sandbox in list(self.sandboxes.items()):
-            desired = plan_for(view, sandbox.attached)
+            desired = plan_for(view, sandbox.attached, by_network)
             drain_due = sandbox.deadline is not None and sandbox.deadline <= now
             if desired == sandbox.plan and not drain_due:
                 sandbox.revision = view.revision
