@@ -530,11 +530,12 @@ def cmd_ps(args) -> int:
     rows = []
     for record in records:
         addresses = ",".join(f"{e['network']}={e['ipv4']}" for e in record["endpoints"])
+        health = record.get("health", "healthy") if record.get("health_check") else "-"
         rows.append({"name": record["name"], "service": record["service"] or "-", "addresses": addresses,
-                     "status": record["status"], "pid": record["pid"] or "-",
+                     "status": record["status"], "health": health, "pid": record["pid"] or "-",
                      "command": " ".join(record["command"]) or "-"})
     _print(rows, [("NAME", "name"), ("SERVICE", "service"), ("ADDRESSES", "addresses"), ("STATUS", "status"),
-                  ("PID", "pid"), ("COMMAND", "command")], args.format, records)
+                  ("HEALTH", "health"), ("PID", "pid"), ("COMMAND", "command")], args.format, records)
     return 0
 
 

@@ -132,6 +132,8 @@ def test_unhealthy_task_gets_nothing_new_while_its_connection_finishes(cli, tmp_
     assert held is not None
     (flags / sick).unlink()
     assert _wait(lambda: sick not in _names_seen(cli, client, vip, 30), 5), "unhealthy: out of the VIP"
+    assert next(r for r in cli.json("ps") if r["name"] == sick)["health"] == "unhealthy"
+    assert re.search(rf"^{sick}\s.*\sunhealthy\s", cli.run("ps").stdout, re.M), "ps shows it"
     spread = _spread(cli, client, vip, 150)
     assert sick not in spread and set(spread) == set(tasks) - {sick}, spread
     held.sendall(b"still there\n")
