@@ -85,15 +85,6 @@ def reject_rules(vip: IPv4Address) -> list[dict]:
 class IptablesBackend:
     name = "iptables"
 
-    def observe(self, netns: str) -> dict[IPv4Address, str]:
-        """VIP -> signature of what the kernel holds in ``netns`` now."""
-        with LOCK, netlink.entered_netns(netns):
-            nat = fresh_table("nat")
-            try:
-                return _observe(nat)
-            finally:
-                release(nat)
-
     def sync(self, netns: str, current: dict[IPv4Address, str] | None, desired: Plan) -> tuple[dict, SyncResult]:
         """Make ``netns`` hold ``desired``; ``current`` is what the last sync left (None: read it).
 
@@ -103,10 +94,11 @@ class IptablesBackend:
         with LOCK, netlink.entered_netns(netns):
             nat, filt = fresh_table("nat"), fresh_table("filter")
             try:
-                if current is None:
-                    current = _observe(nat)
                 changed = ensure_jump(nat, "OUTPUT", DISPATCH_CHAIN) | ensure_jump(filt, "OUTPUT", REJECT_CHAIN)
                 dispatch = iptc.Chain(nat, DISPATCH_CHAIN)
+                if current is None:
+                    current, unreadable = _observe(nat)
+                    changed |= _drop_unreadable(nat, dispatch, unreadable)
                 rejects = iptc.Chain(filt, REJECT_CHAIN)
                 reject_changed = changed
                 for vip in sorted(current.keys() - desired.keys()):
@@ -148,26 +140,35 @@ class IptablesBackend:
                 release(filt)
 
 
-def _observe(nat: iptc.Table) -> dict[IPv4Address, str]:
+def _observe(nat: iptc.Table) -> tuple[dict[IPv4Address, str], list[str]]:
+    """VIP -> signature of the service chains in the kernel, and chains we cannot read back."""
     found: dict[IPv4Address, str] = {}
+    unreadable: list[str] = []
     for chain in nat.chains:
         if not chain.name.startswith(SERVICE_CHAIN_PREFIX):
             continue
         rules = chain.rules
         words = _comment_of(rules[0]).split() if rules else []
-        if len(words) == 4 and words[0] == "svcnet":
-            try:
-                found[IPv4Address(words[1])] = words[3]
-            except ValueError:
-                log.warning("unreadable svcnet chain comment chain=%s", chain.name)
-        else:
-            found[_vip_placeholder(chain.name)] = "unknown"
-    return found
+        try:
+            if len(words) != 4 or words[0] != "svcnet":
+                raise ValueError(chain.name)
+            found[IPv4Address(words[1])] = words[3]
+        except ValueError:
+            unreadable.append(chain.name)
+    return found, unreadable
 
 
-def _vip_placeholder(chain_name: str) -> IPv4Address:
-    """A chain we cannot read back: give it a key no real VIP has so it is rewritten/removed."""
-    return IPv4Address(int(chain_name.removeprefix(SERVICE_CHAIN_PREFIX)[:8], 16) | 0xF0000000)
+def _drop_unreadable(nat: iptc.Table, dispatch: iptc.Chain, names: list[str]) -> bool:
+    """Chains named like ours that say nothing we wrote (someone edited them): remove them;
+    the VIP they served, if still wanted, is written afresh."""
+    for rule in list(dispatch.rules) if names else []:
+        if rule.target.name in names:
+            dispatch.delete_rule(rule)
+    for name in names:
+        log.warning("removing unreadable svcnet chain chain=%s", name)
+        iptc.Chain(nat, name).flush()
+        nat.delete_chain(name)
+    return bool(names)
 
 
 def _comment_of(rule: iptc.Rule) -> str:
@@ -178,21 +179,13 @@ def _comment_of(rule: iptc.Rule) -> str:
 
 
 def _remove_vip(nat: iptc.Table, dispatch: iptc.Chain, rejects: iptc.Chain, vip: IPv4Address) -> None:
+    gone = VipPlan(vip, "", "", ())  # the chain name and dispatch rule depend on the VIP alone
     delete_rules(rejects, reject_rules(vip))
-    if int(vip) >= 0xF0000000:  # a placeholder for a chain we could not read: find it by its tag
-        names = [c.name for c in nat.chains if c.name.startswith(SERVICE_CHAIN_PREFIX)
-                 and _vip_placeholder(c.name) == vip]
-        for rule in list(dispatch.rules):
-            if rule.target.name in names:
-                dispatch.delete_rule(rule)
-    else:
-        placeholder = VipPlan(vip, "", "", ())
-        names = [SERVICE_CHAIN_PREFIX + placeholder.tag]
-        delete_rules(dispatch, [dispatch_rule(placeholder)])
-    for name in names:
-        if nat.is_chain(name):
-            iptc.Chain(nat, name).flush()
-            nat.delete_chain(name)
+    delete_rules(dispatch, [dispatch_rule(gone)])
+    name = SERVICE_CHAIN_PREFIX + gone.tag
+    if nat.is_chain(name):
+        iptc.Chain(nat, name).flush()
+        nat.delete_chain(name)
 
 
 def _write_vip(nat: iptc.Table, dispatch: iptc.Chain, rejects: iptc.Chain, plan: VipPlan, existed: bool) -> SyncResult:

@@ -253,3 +253,17 @@ def test_same_plan_again_or_after_a_restart_writes_nothing(topology, backend):
     _, gone = restarted.sync(topology.client, None, {VIP: topology.plan("t1")[VIP]})
     assert gone.services_removed == 1 and f"{EMPTY_VIP}" not in topology.rules()
     assert _wait(lambda: topology.tcp_name() == "t1", 2)
+
+
+def test_an_iptables_chain_edited_behind_our_back_is_rewritten_on_the_next_read(topology):
+    backend = make_backend("iptables", drain_grace=1.0)  # service chains are this backend's alone
+    Applier(backend, topology.client).apply(topology.plan("t1", "t2"))
+    before = topology.rules()
+    chain = "SVCNET-S-" + topology.plan()[VIP].tag
+    subprocess.run(["nsenter", f"--net={topology.client}", "iptables-legacy", "-t", "nat", "-F", chain], check=True)
+    assert topology.rules() != before
+    restarted = make_backend("iptables", drain_grace=1.0)
+    _, result = restarted.sync(topology.client, None, topology.plan("t1", "t2"))
+    # the same rules again (the repaired VIP's dispatch rule now comes last in its chain)
+    assert result.services_written == 1 and sorted(topology.rules().splitlines()) == sorted(before.splitlines())
+    assert {topology.tcp_name() for _ in range(30)} == {"t1", "t2"}
