@@ -107,6 +107,19 @@ class Cli:
     def short(self, sandbox: str, name: str, qtype: str = "A", *args: str) -> list[str]:
         return sorted(line for line in self.dig(sandbox, "+short", name, qtype, *args).splitlines() if line)
 
+    def with_etcd(self, action):
+        """Run ``await action(client)`` with an etcd client on this run's etcd; return its result."""
+        import asyncio
+
+        async def run():
+            from discovery.etcd import connect
+            client = await connect(self.env["SVCNET_ETCD"])
+            try:
+                return await action(client)
+            finally:
+                await client.close()
+        return asyncio.run(run())
+
     def netns(self, sandbox: str) -> str:
         return f"/run/netns/svcnet-{sandbox}"
 

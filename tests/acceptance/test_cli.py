@@ -27,14 +27,9 @@ def _links() -> set[str]:
 
 
 def _registry_keys(cli) -> list[str]:
-    async def read():
-        from discovery.etcd import connect
-        client = await connect(cli.env["SVCNET_ETCD"])
-        keys = [kv.key.decode() for kv in await client.get_prefix(f"{cli.prefix}/".encode())]
-        await client.close()
-        return keys
-    import asyncio
-    return asyncio.run(read())
+    async def read(client):
+        return [kv.key.decode() for kv in await client.get_prefix(f"{cli.prefix}/".encode())]
+    return cli.with_etcd(read)
 
 
 def test_sandboxes_on_one_network_reach_each_other_and_not_another(cli):

@@ -6,7 +6,6 @@ loopback, which knows ``outside.example.test`` and answers NXDOMAIN for the rest
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -137,18 +136,16 @@ def test_scope_follows_attachment_and_first_network_wins(cli, upstream):
 
 def _register_remote_tasks(cli, service: str, network: str, count: int) -> None:
     """Tasks of ``service`` on another node: written to the registry as that node's agent would."""
-    async def register():
-        from discovery.etcd import connect
-        from discovery.keys import KeyLayout
-        from discovery.registry import Registry, SandboxRequest
-        client = await connect(cli.env["SVCNET_ETCD"])
+    from discovery.keys import KeyLayout
+    from discovery.registry import Registry, SandboxRequest
+
+    async def register(client):
         lease = await client.lease(60)
         registry = Registry(client, KeyLayout(cli.prefix))
         for index in range(count):
             await registry.register_sandbox(SandboxRequest(
                 container=f"remote-{index}", networks=(network,), node="remote-node", service=service), lease.id)
-        await client.close()
-    asyncio.run(register())
+    cli.with_etcd(register)
 
 
 def test_large_answers_truncate_over_udp_and_come_whole_over_tcp(cli):
@@ -167,16 +164,13 @@ def test_large_answers_truncate_over_udp_and_come_whole_over_tcp(cli):
 
 
 def _set_health(cli, network: str, container: str, health: str) -> None:
-    async def put():
-        from discovery.etcd import connect
-        client = await connect(cli.env["SVCNET_ETCD"])
+    async def put(client):
         key = f"{cli.prefix}/endpoints/{network}/{container}".encode()
         current = await client.get(key)
         value = json.loads(current.value)
         value["health"] = health
         await client.put(key, json.dumps(value).encode(), lease=current.lease)
-        await client.close()
-    asyncio.run(put())
+    cli.with_etcd(put)
 
 
 def test_unhealthy_endpoints_leave_answers_and_return(cli):
