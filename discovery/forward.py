@@ -104,10 +104,6 @@ class _UdpExchange(asyncio.DatagramProtocol):
             self.reply.set_exception(exc)
 
 
-class UpstreamFailed(Exception):
-    pass
-
-
 class Forwarder:
     def __init__(self, upstreams: list[Upstream], timeout: float, metrics: Metrics) -> None:
         self.upstreams = [u for u in upstreams if not u.is_self()]
@@ -135,7 +131,7 @@ class Forwarder:
                 self.errors.inc(name, "timeout")
                 log.debug("upstream timed out upstream=%s", name)
                 continue
-            except (OSError, UpstreamFailed, asyncio.IncompleteReadError) as exc:
+            except (OSError, asyncio.IncompleteReadError) as exc:
                 self.errors.inc(name, "network")
                 log.debug("upstream failed upstream=%s error=%r", name, exc)
                 continue
