@@ -41,12 +41,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from discovery import netlink  # noqa: E402
-from discovery.api import ApiClient  # noqa: E402
-from discovery.etcd import connect  # noqa: E402
-from discovery.etcd_local import EtcdProcess, free_port  # noqa: E402
-from discovery.keys import KeyLayout  # noqa: E402
-from discovery.registry import Registry, SandboxRequest  # noqa: E402
+from discovery.host import netlink  # noqa: E402
+from discovery.node.client import ApiClient  # noqa: E402
+from discovery.state.etcd import connect  # noqa: E402
+from discovery.state.etcd_local import EtcdProcess, free_port  # noqa: E402
+from discovery.state.keys import KeyLayout  # noqa: E402
+from discovery.state.registry import Registry, SandboxRequest  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVER_CPU, LOAD_CPU = "0", "1"
@@ -148,7 +148,7 @@ class SvcnetSide:
         except (ProcessLookupError, AttributeError):
             pass
         time.sleep(0.5)
-        from discovery import firewall
+        from discovery.host import firewall
         firewall.remove(self.prefix)
         self.blackhole.close()
         shutil.rmtree(self.state, ignore_errors=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from discovery import netlink  # noqa: E402
+from discovery.host import netlink  # noqa: E402
 from lb.iptables import IptablesBackend  # noqa: E402
 from lb.ipvs import IpvsBackend, ipvs_available  # noqa: E402
 from lb.plan import VipPlan  # noqa: E402

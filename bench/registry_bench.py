@@ -31,11 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from discovery.api import ApiClient  # noqa: E402
-from discovery.etcd import connect  # noqa: E402
-from discovery.etcd_local import EtcdProcess, free_port  # noqa: E402
-from discovery.keys import KeyLayout  # noqa: E402
-from discovery.watch import ViewWatcher  # noqa: E402
+from discovery.node.client import ApiClient  # noqa: E402
+from discovery.state.etcd import connect  # noqa: E402
+from discovery.state.etcd_local import EtcdProcess, free_port  # noqa: E402
+from discovery.state.keys import KeyLayout  # noqa: E402
+from discovery.state.watch import ViewWatcher  # noqa: E402
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -156,7 +156,7 @@ def bench_sandboxes(url: str, count: int) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.5)
-        from discovery import firewall
+        from discovery.host import firewall
         firewall.remove(prefix)
 
 

@@ -17,7 +17,7 @@ from ipaddress import IPv4Address
 from pyroute2 import Conntrack
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
-from discovery import netlink
+from discovery.host import netlink
 
 log = logging.getLogger(__name__)
 

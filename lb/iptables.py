@@ -27,8 +27,8 @@ from ipaddress import IPv4Address
 import iptc
 from iptc import easy
 
-from discovery import netlink
-from discovery.xtables import LOCK, delete_rules, drop_chain, ensure_jump, fresh_table, release
+from discovery.host import netlink
+from discovery.host.xtables import LOCK, delete_rules, drop_chain, ensure_jump, fresh_table, release
 
 from .plan import Plan, VipPlan
 

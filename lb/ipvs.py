@@ -19,8 +19,11 @@ deleted after the drain grace. ``conn_reuse_mode=0``, ``expire_nodest_conn=1`` a
 
 from __future__ import annotations
 
+import functools
 import logging
+import shutil
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -29,8 +32,8 @@ from pathlib import Path
 import iptc
 from iptc import easy
 
-from discovery import netlink
-from discovery.xtables import LOCK, delete_rules, drop_chain, ensure_jump, fresh_table, release
+from discovery.host import netlink
+from discovery.host.xtables import LOCK, delete_rules, drop_chain, ensure_jump, fresh_table, release
 
 from .iptables import REJECT_CHAIN, SyncResult, reject_rules
 from .plan import Plan
@@ -43,12 +46,31 @@ MASQUERADE = 0  # IP_VS_CONN_F_MASQ
 SYSCTLS = {"conn_reuse_mode": "0", "expire_nodest_conn": "1", "expire_quiescent_template": "1"}
 
 
+@functools.cache
 def ipvs_available() -> bool:
-    """Does this kernel have IPVS? Loads the module if it can."""
+    """Does this kernel have IPVS? Loads the module if it can; asked once per process.
+
+    A missing ``modprobe`` (Debian's kmod) or a kernel without ``ip_vs`` is no error: the
+    caller falls back to iptables, and the reason is logged once, with what to install.
+    """
+    if Path("/proc/net/ip_vs").exists():
+        return True
+    modprobe = shutil.which("modprobe") or next((p for p in ("/sbin/modprobe", "/usr/sbin/modprobe")
+                                                 if Path(p).exists()), None)
+    if modprobe is None:
+        log.warning("ipvs unavailable: modprobe not found and ip_vs is not loaded; "
+                    "install=kmod (apt-get install kmod) fallback=iptables")
+        return False
+    try:
+        result = subprocess.run([modprobe, "ip_vs"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("ipvs unavailable: modprobe ip_vs failed error=%r fallback=iptables", exc)
+        return False
     if not Path("/proc/net/ip_vs").exists():
-        import subprocess
-        subprocess.run(["modprobe", "ip_vs"], capture_output=True)
-    return Path("/proc/net/ip_vs").exists()
+        reason = (result.stderr.strip() or f"exit {result.returncode}").replace(" ", "_")[:160]
+        log.warning("ipvs unavailable: the kernel has no ip_vs module reason=%s fallback=iptables", reason)
+        return False
+    return True
 
 
 def marks(vip: IPv4Address) -> tuple[int, int]:

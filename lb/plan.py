@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from discovery.view import View
+from discovery.state.view import View
 
 
 @dataclass(frozen=True, order=True)

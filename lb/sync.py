@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from discovery.metrics import Metrics
-from discovery.view import View
+from discovery.state.view import View
 
 from .conntrack import forget_udp_flows
 from .iptables import IptablesBackend
@@ -33,8 +33,8 @@ def make_backend(choice: str, drain_grace: float):
     if choice == "ipvs" or (choice == "auto" and ipvs_available()):
         if not ipvs_available():
             from discovery.errors import SvcnetError
-            raise SvcnetError("--lb-backend ipvs: this kernel has no IPVS (modprobe ip_vs failed); "
-                              "use --lb-backend iptables")
+            raise SvcnetError("--lb-backend ipvs: IPVS is not available here (no ip_vs module, or no modprobe: "
+                              "apt-get install kmod); use --lb-backend iptables or auto")
         return IpvsBackend(drain_grace)
     return IptablesBackend()
 
@@ -59,6 +59,7 @@ class LbSync:
         self.sandboxes: dict[str, _Sandbox] = {}
         self._dirty = asyncio.Event()
         self._synced = asyncio.Condition()
+        self._conntrack_warned = False
         self.syncs = metrics.counter("svcnet_lb_syncs_total", "Load-balancer syncs, by result.", ("result",))
         self.duration = metrics.histogram("svcnet_lb_sync_seconds", "Duration of one load-balancer sync.")
         self.rules_written = metrics.counter("svcnet_lb_rules_written_total",
@@ -72,6 +73,13 @@ class LbSync:
         metrics.gauge("svcnet_lb_rules", "Rules the plans need, summed over sandboxes (iptables count).",
                       lambda: sum(rule_count((s.plan or {}).values()) for s in self.sandboxes.values()))
         metrics.gauge("svcnet_lb_backend_info", "The dataplane in use.", lambda: {(backend.name,): 1}, ("backend",))
+
+    def _conntrack_failed(self, sandbox: str, exc: Exception) -> None:
+        # once per process at warning: a kernel without nf_conntrack_netlink fails every time
+        level = logging.DEBUG if self._conntrack_warned else logging.WARNING
+        self._conntrack_warned = True
+        log.log(level, "conntrack cleanup failed; UDP flows to removed tasks move only when they idle out "
+                "sandbox=%s error=%r", sandbox, exc)
 
     # ---- inputs ----------------------------------------------------------------------
 
@@ -149,7 +157,7 @@ class LbSync:
                 try:
                     self.flows_forgotten.inc(amount=await asyncio.to_thread(forget_udp_flows, sandbox.netns, lost))
                 except Exception as exc:
-                    log.warning("conntrack cleanup failed sandbox=%s error=%r", name, exc)
+                    self._conntrack_failed(name, exc)
             took = time.perf_counter() - started
             self.duration.observe(took)
             self.syncs.inc("ok")

@@ -2,6 +2,7 @@
 # The svcnet demo: installs what it needs, starts svcnet's own etcd and agent under a
 # throwaway state dir, builds two networks, a service and four sandboxes, shows what
 # svcnet sees and what the sandboxes can reach, then cleans everything up. Needs root.
+# Every reachability, DNS and VIP line is also a check: the demo exits 1 if any fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $EUID -ne 0 ]]; then
@@ -35,6 +36,10 @@ cleanup() {
     echo; echo "demo cleaned up"
 }
 trap cleanup EXIT
+failures=0
+verdict() { # ok? description
+    if [[ $1 == yes ]]; then printf '    ok\n'; else printf '    \033[31mFAILED: %s\033[0m\n' "$2"; failures=$((failures + 1)); fi
+}
 
 step network create demo-front --subnet 10.210.0.0/24 --subnet6 fd00:210::/64
 step network create demo-back --subnet 10.211.0.0/24 --internal
@@ -56,33 +61,47 @@ step network inspect demo-front
 printf '\n\033[1mreachability\033[0m\n'
 web1=$(svcnet ps --format json | .venv/bin/python -c "import json,sys;print([r for r in json.load(sys.stdin) if r['name']=='demo-web1'][0]['endpoints'][0]['ipv4'])")
 db1=$(svcnet ps --format json | .venv/bin/python -c "import json,sys;print([r for r in json.load(sys.stdin) if r['name']=='demo-db1'][0]['endpoints'][0]['ipv4'])")
-check() { # sandbox address expectation
+check() { # sandbox address expected(reaches|cannot reach) why
     if svcnet exec "$1" -- ping -c1 -W1 "$2" >/dev/null 2>&1; then got=reaches; else got="cannot reach"; fi
-    printf '  %-11s %-13s %-16s (%s)\n' "$1" "$got" "$2" "$3"
+    printf '  %-11s %-13s %-16s (%s)\n' "$1" "$got" "$2" "$4"
+    verdict "$([[ $got == "$3" ]] && echo yes)" "$1 should $3 $2"
 }
-check demo-web2 "$web1" "same network"
-check demo-probe "$db1" "probe is on both networks"
-check demo-web2 "$db1" "web2 is not on demo-back"
+check demo-web2 "$web1" reaches "same network"
+check demo-probe "$db1" reaches "probe is on both networks"
+check demo-web2 "$db1" "cannot reach" "web2 is not on demo-back"
 
 printf '\n\033[1mDNS from inside the sandboxes (dig @127.0.0.11)\033[0m\n'
-ask() { # sandbox name [type]
+ask() { # sandbox name type expected-regex
     local answer
-    answer=$(svcnet exec "$1" -- dig +short +tries=1 +time=2 "$2" "${3:-A}" 2>/dev/null | tr '\n' ' ')
-    printf '  %-11s %-24s -> %s\n' "$1" "$2 ${3:-A}" "${answer:-(no answer)}"
+    answer=$(svcnet exec "$1" -- dig +short +tries=1 +time=2 "$2" "$3" 2>/dev/null | sort | tr '\n' ' ')
+    printf '  %-11s %-24s -> %s\n' "$1" "$2 $3" "${answer:-(no answer)}"
+    verdict "$([[ $answer =~ ^$4\ ?$ ]] && echo yes)" "$2 $3 in $1 should match '$4'"
 }
-ask demo-probe web
-ask demo-probe tasks.web
-ask demo-probe db
-ask demo-probe demo-web1 AAAA
-ask demo-probe _80._tcp.web SRV
-ask demo-probe "$(svcnet exec demo-probe -- dig +short web | head -1 | awk -F. '{print $4"."$3"."$2"."$1".in-addr.arpa"}')" PTR
-ask demo-web2 db
-printf '  (demo-web2 is not on demo-back, so "db" is not its name there: it was forwarded)\n'
+ip4='10\.210\.0\.[0-9]+'
+vip=$(svcnet service inspect web --format json | .venv/bin/python -c "import json,sys;print(json.load(sys.stdin)['vips']['demo-front'])")
+ask demo-probe web A "${vip//./\\.}"
+ask demo-probe tasks.web A "$ip4 $ip4"
+ask demo-probe db A '10\.211\.0\.[0-9]+'
+ask demo-probe demo-web1 AAAA 'fd00:210::[0-9a-f]+'
+ask demo-probe _80._tcp.web SRV '0 0 80 web\.demo-front\.'
+ask demo-probe "$(echo "$vip" | awk -F. '{print $4"."$3"."$2"."$1".in-addr.arpa"}')" PTR 'web\.demo-front\.'
+ask demo-web2 db A ''
+printf '  (demo-web2 is not on demo-back, so "db" is not its name there: it was forwarded, and the\n'
+printf '   demo upstream on a closed loopback port gives SERVFAIL: no answer)\n'
 
 printf '\n\033[1mthe VIP: six TCP connections from demo-probe to web:80\033[0m\n'
 sleep 1
-svcnet exec demo-probe -- python3 -c '
+answered=$(svcnet exec demo-probe -- python3 -c '
 import socket
 for _ in range(6):
     with socket.create_connection(("web", 80), timeout=2) as c:
-        print("  web:80 answered by", c.recv(64).decode().strip())'
+        print(c.recv(64).decode().strip())' || true)
+printf '  web:80 answered by %s\n' $answered
+verdict "$([[ $(printf '%s\n' $answered | sort -u | tr '\n' ' ') == 'demo-web1 demo-web2 ' ]] && echo yes)" \
+    "six connections to the VIP should reach both tasks"
+
+if ((failures)); then
+    printf '\n\033[31m%d demo check(s) failed\033[0m\n' "$failures"
+    exit 1
+fi
+printf '\nevery demo check passed\n'

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from discovery.etcd_local import EtcdProcess, free_port
+from discovery.state.etcd_local import EtcdProcess, free_port
 from tests.dnsupstream import TestUpstream
 from tests.helpers import Cli, require_root
 

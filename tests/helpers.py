@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from discovery import firewall
+from discovery.host import firewall
 from discovery.procs import pid_alive
 
 
@@ -112,7 +112,7 @@ class Cli:
         import asyncio
 
         async def run():
-            from discovery.etcd import connect
+            from discovery.state.etcd import connect
             client = await connect(self.env["SVCNET_ETCD"])
             try:
                 return await action(client)
@@ -147,7 +147,7 @@ class Cli:
         raise AssertionError("agent did not start")
 
     def info(self) -> dict:
-        from discovery.api import ApiClient
+        from discovery.node.client import ApiClient
         return ApiClient(self.state_dir / "agent.sock").call("GET", "/v1/info")
 
     def metrics(self) -> str:
@@ -180,8 +180,8 @@ class Cli:
     def cleanup(self) -> None:
         """Remove everything this run made: sandboxes, services, networks, agent, rules."""
         if (self.state_dir / "agent.sock").exists():
-            from discovery.api import ApiClient
             from discovery.errors import SvcnetError
+            from discovery.node.client import ApiClient
             api = ApiClient(self.state_dir / "agent.sock")
             try:
                 for record in api.call("GET", "/v1/sandboxes"):
@@ -206,7 +206,7 @@ def sweep(run_id: str, prefix: str) -> None:
     for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else []:
         if run_id in name:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    from discovery import netlink
+    from discovery.host import netlink
     for bridge in netlink.list_bridges(prefix).values():
         netlink.remove_link(bridge.ifname)
     firewall.remove(prefix)

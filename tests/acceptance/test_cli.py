@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from discovery import netlink
+from discovery.host import netlink
 from tests.helpers import require_tools
 
 

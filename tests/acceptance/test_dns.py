@@ -136,8 +136,8 @@ def test_scope_follows_attachment_and_first_network_wins(cli, upstream):
 
 def _register_remote_tasks(cli, service: str, network: str, count: int) -> None:
     """Tasks of ``service`` on another node: written to the registry as that node's agent would."""
-    from discovery.keys import KeyLayout
-    from discovery.registry import Registry, SandboxRequest
+    from discovery.state.keys import KeyLayout
+    from discovery.state.registry import Registry, SandboxRequest
 
     async def register(client):
         lease = await client.lease(60)

@@ -11,7 +11,7 @@ import time
 import pytest
 from dnslib import EDNS0, DNSRecord
 
-from discovery import netlink
+from discovery.host import netlink
 from tests.acceptance.test_dns import _status
 from tests.helpers import require_tools
 
@@ -160,7 +160,7 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 def test_one_agent_serves_50_sandboxes_each_with_its_own_scope(cli):
-    from discovery.api import ApiClient
+    from discovery.node.client import ApiClient
     networks = [cli.name(f"n{i}") for i in range(5)]
     for index, net in enumerate(networks):
         cli.run("network", "create", net, "--subnet", f"10.{100 + index}.0.0/24")

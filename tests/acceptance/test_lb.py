@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from discovery import netlink
+from discovery.host import netlink
 from tests.acceptance.test_dns import _wait
 from tests.helpers import require_tools
 

@@ -20,7 +20,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from discovery import netlink
+from discovery.host import netlink
 from lb.conntrack import forget_udp_flows
 from lb.plan import VipPlan, diff
 from lb.sync import make_backend

@@ -7,10 +7,10 @@ import sys
 import pytest
 
 from discovery.errors import ConflictError, ExhaustedError, NotFoundError, ValidationError
-from discovery.etcd import connect
-from discovery.keys import KeyLayout
-from discovery.model import Network, Service
-from discovery.registry import Registry, SandboxRequest
+from discovery.state.etcd import connect
+from discovery.state.keys import KeyLayout
+from discovery.state.model import Network, Service
+from discovery.state.registry import Registry, SandboxRequest
 
 
 async def _registry(url, prefix):

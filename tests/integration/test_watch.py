@@ -6,10 +6,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from discovery.etcd import connect
-from discovery.keys import KeyLayout
-from discovery.model import Network
-from discovery.watch import ViewWatcher
+from discovery.state.etcd import connect
+from discovery.state.keys import KeyLayout
+from discovery.state.model import Network
+from discovery.state.watch import ViewWatcher
 from tests.helpers import TcpProxy
 
 

@@ -4,10 +4,10 @@ import ipaddress
 
 from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
 
-from discovery import dnswire as w
-from discovery import records
-from discovery.answers import Answers, Ttls, pack
-from discovery.model import Endpoint, Network, PortSpec, Service
+from discovery.dns import records
+from discovery.dns import wire as w
+from discovery.dns.answers import Answers, Ttls, pack
+from discovery.state.model import Endpoint, Network, PortSpec, Service
 from tests.unit.test_records import _view
 
 ip = ipaddress.ip_address

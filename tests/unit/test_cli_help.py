@@ -1,6 +1,6 @@
 import pytest
 
-from discovery.cli import build_parser
+from discovery.cli.main import build_parser
 
 COMMANDS = [["network", "create"], ["network", "ls"], ["network", "inspect"], ["network", "rm"],
             ["service", "create"], ["service", "ls"], ["service", "inspect"], ["service", "rm"],

@@ -3,7 +3,7 @@ import struct
 import pytest
 from dnslib import EDNS0, QTYPE, DNSRecord
 
-from discovery import dnswire as w
+from discovery.dns import wire as w
 
 
 def _query(name="web", qtype="A", edns=False, **kw) -> bytes:

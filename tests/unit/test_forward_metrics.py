@@ -1,7 +1,7 @@
 import pytest
 
+from discovery.dns.forward import Upstream, from_resolv_conf
 from discovery.errors import ValidationError
-from discovery.forward import Upstream, from_resolv_conf
 from discovery.metrics import Metrics, parse_address
 
 

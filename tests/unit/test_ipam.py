@@ -2,9 +2,9 @@ import ipaddress
 
 import pytest
 
-from discovery import ipam
 from discovery.errors import ConflictError, ExhaustedError, ValidationError
-from discovery.model import Network
+from discovery.state import ipam
+from discovery.state.model import Network
 
 ip = ipaddress.ip_address
 

@@ -1,7 +1,7 @@
 import ipaddress
 
-from discovery.health import HealthState
-from discovery.model import Endpoint, Network, Service
+from discovery.node.health import HealthState
+from discovery.state.model import Endpoint, Network, Service
 from lb import iptables
 from lb.plan import VipPlan, diff, plan_for, rule_count
 from tests.unit.test_records import _view

@@ -3,7 +3,7 @@ import ipaddress
 import pytest
 
 from discovery.errors import ValidationError
-from discovery.model import Endpoint, Network, PortSpec, Service, normalize_name
+from discovery.state.model import Endpoint, Network, PortSpec, Service, normalize_name
 
 
 @pytest.mark.parametrize("name", ["web", "Web-1", "a", "x" * 63, "9lives"])

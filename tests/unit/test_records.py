@@ -1,10 +1,10 @@
 import ipaddress
 import json
 
-from discovery import records
-from discovery.keys import KeyLayout
-from discovery.model import Endpoint, Network, Service
-from discovery.view import Change, View
+from discovery.dns import records
+from discovery.state.keys import KeyLayout
+from discovery.state.model import Endpoint, Network, Service
+from discovery.state.view import Change, View
 
 KEYS = KeyLayout("/t")
 ip = ipaddress.ip_address

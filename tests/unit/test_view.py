@@ -1,9 +1,9 @@
 import json
 import logging
 
-from discovery.keys import KeyLayout
-from discovery.model import Endpoint, Network
-from discovery.view import Change, View
+from discovery.state.keys import KeyLayout
+from discovery.state.model import Endpoint, Network
+from discovery.state.view import Change, View
 
 KEYS = KeyLayout("/t")
 

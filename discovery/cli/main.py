@@ -16,12 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, log
-from .api import ApiClient
-from .errors import AgentUnavailableError, SvcnetError
-from .keys import KeyLayout
-from .model import Network, PortSpec, Service
-from .sandbox import exec_argv
+from discovery import __version__
+
+from discovery import log
+from discovery.errors import AgentUnavailableError, SvcnetError
+from discovery.host.nsexec import sandbox_argv
+from discovery.node.client import ApiClient
+from discovery.state.keys import KeyLayout
+from discovery.state.model import Network, PortSpec, Service
 
 # etcd's client (gRPC) and asyncio are imported where they are used: sandbox commands only
 # talk to the agent, and their start-up time is the user's wait.
@@ -240,9 +242,9 @@ def _resolver_options(parser: argparse.ArgumentParser, default_metrics: str) -> 
 
 
 def _resolver_config(args):
-    from .answers import Ttls
-    from .forward import Upstream, from_resolv_conf
-    from .resolver import ResolverConfig
+    from discovery.dns.answers import Ttls
+    from discovery.dns.forward import Upstream, from_resolv_conf
+    from discovery.dns.resolver import ResolverConfig
 
     texts = args.upstream if args.upstream is not None else args.upstream_env
     upstreams = [Upstream.parse(t) for t in texts] if texts else from_resolv_conf()
@@ -259,7 +261,7 @@ def _resolver_config(args):
 
 
 def _metrics_address(args) -> tuple[str, int] | None:
-    from .metrics import parse_address
+    from discovery.metrics import parse_address
 
     if not args.metrics_addr:
         return None
@@ -293,15 +295,15 @@ def _sandbox_options(parser: argparse.ArgumentParser) -> None:
 def _etcd_url(args) -> str:
     if args.etcd:
         return args.etcd
-    from .etcd_local import ensure_local_etcd
+    from discovery.state.etcd_local import ensure_local_etcd
     return ensure_local_etcd(args.state_dir)
 
 
 def _with_registry(args, action):
     import asyncio
 
-    from .etcd import connect
-    from .registry import Registry
+    from discovery.state.etcd import connect
+    from discovery.state.registry import Registry
 
     async def run():
         client = await connect(_etcd_url(args))
@@ -497,7 +499,7 @@ def cmd_run(args) -> int:
 
 def _run_foreground(agent: ApiClient, record: dict, command: list[str]) -> int:
     """Run COMMAND in the sandbox with our terminal; remove the sandbox when it exits."""
-    process = subprocess.Popen(exec_argv(record, command))
+    process = subprocess.Popen(sandbox_argv(record, command))
     forward = lambda signum, frame: process.send_signal(signum)  # noqa: E731
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
@@ -520,7 +522,7 @@ def cmd_exec(args) -> int:
     if not command:
         raise SvcnetError("give a COMMAND after --, e.g. svcnet exec NAME -- ip addr")
     record = _agent(args).call("GET", f"/v1/sandboxes/{args.name}")
-    argv = exec_argv(record, command)
+    argv = sandbox_argv(record, command)
     os.execvp(argv[0], argv)
     return 127  # not reached
 
@@ -553,7 +555,7 @@ def cmd_rm(args) -> int:
 
 
 def cmd_agent(args) -> int:
-    from .agent import Agent, AgentConfig
+    from discovery.node.agent import Agent, AgentConfig
     config = AgentConfig(
         _etcd_url(args), KeyLayout(args.prefix).prefix, args.node, args.state_dir, args.lease_ttl,
         resolver=_resolver_config(args), metrics_addr=_metrics_address(args),
@@ -565,8 +567,8 @@ def cmd_agent(args) -> int:
 
 
 def cmd_sidecar(args) -> int:
-    from . import netlink
-    from .sidecar import SidecarConfig, run_sidecar
+    from discovery.host import netlink
+    from discovery.node.sidecar import SidecarConfig, run_sidecar
 
     path = netlink.netns_path(args.netns)
     if not netlink.netns_exists(path):

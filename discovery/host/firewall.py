@@ -15,7 +15,8 @@ from collections.abc import Iterable
 import iptc
 from iptc import easy
 
-from .model import Network
+from discovery.state.model import Network
+
 from .netlink import bridge_name
 from .xtables import LOCK, drop_chain, fresh_table, release
 

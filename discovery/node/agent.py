@@ -18,22 +18,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from discovery import __version__
+from discovery.dns.resolver import DNAT_HINT, Resolver, ResolverConfig, SandboxServer, Scope
+from discovery.errors import EtcdUnavailableError, SvcnetError
+from discovery.host import firewall, netlink
+from discovery.host.sandbox import SandboxManager, SandboxRecord, SandboxSpec
+from discovery.metrics import Metrics, MetricsServer
+from discovery.state.etcd import TRANSIENT_ERRORS, connect
+from discovery.state.keys import KeyLayout
+from discovery.state.lease import LeaseKeeper
+from discovery.state.model import HealthSpec, Node
+from discovery.state.registry import Registry
+from discovery.state.view import View
+from discovery.state.watch import ViewWatcher
 from lb.sync import LbSync, make_backend
 
-from . import __version__, firewall, netlink
 from .api import ApiServer
-from .errors import EtcdUnavailableError, SvcnetError
-from .etcd import TRANSIENT_ERRORS, connect
-from .health import HealthChecker, HealthSpec
-from .keys import KeyLayout
-from .lease import LeaseKeeper
-from .metrics import Metrics, MetricsServer
-from .model import Node
-from .registry import Registry
-from .resolver import DNAT_HINT, Resolver, ResolverConfig, SandboxServer, Scope
-from .sandbox import SandboxManager, SandboxRecord, SandboxSpec
-from .view import View
-from .watch import ViewWatcher
+from .health import HealthChecker
 
 log = logging.getLogger(__name__)
 

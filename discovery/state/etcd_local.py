@@ -17,8 +17,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EtcdUnavailableError
-from .procs import pid_alive
+from discovery.errors import EtcdUnavailableError
+from discovery.procs import pid_alive
 
 INSTALL_HINT = (
     "the etcd binary was not found on PATH; install it with "

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from .errors import ValidationError
+from discovery.errors import ValidationError
+
 from .keys import KeyLayout
 from .model import Endpoint, Network, Node, Service
 

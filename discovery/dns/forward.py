@@ -19,9 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import dnswire as w
-from .errors import ValidationError
-from .metrics import Metrics
+from discovery.errors import ValidationError
+from discovery.metrics import Metrics
+
+from . import wire as w
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .errors import ValidationError
+from discovery.errors import ValidationError
 
 IPv4Address = ipaddress.IPv4Address
 IPv6Address = ipaddress.IPv6Address
@@ -406,3 +406,26 @@ def _decode(cls, data: Mapping[str, Any], build):
         raise ValidationError(f"{cls.__name__} is missing field {exc.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError) as exc:
         raise ValidationError(f"{cls.__name__} has a bad field: {exc}") from None
+
+
+@dataclass(frozen=True)
+class HealthSpec:
+    """A sandbox's health check (`svcnet run --health-cmd`), kept in its record and run by its owner."""
+
+    cmd: str
+    interval: float = 5.0
+    retries: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.cmd.strip():
+            raise ValidationError("--health-cmd must not be empty")
+        if self.interval <= 0:
+            raise ValidationError("--health-interval must be more than 0 seconds")
+        if self.retries < 1:
+            raise ValidationError("--health-retries must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def command(self) -> list[str]:
+        return ["sh", "-c", self.cmd]

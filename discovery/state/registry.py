@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import aetcd
 
+from discovery.errors import ConflictError, NotFoundError, ValidationError
+
 from . import ipam
-from .errors import ConflictError, NotFoundError, ValidationError
 from .keys import KeyLayout
 from .model import Endpoint, Network, Node, Service
 

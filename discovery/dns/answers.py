@@ -19,7 +19,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import dnswire as w
+from . import wire as w
 from .records import NameRecord, Records, ServiceRecord
 
 INTERNAL_ZONE = "svcnet.internal"

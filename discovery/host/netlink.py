@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, NetlinkError
 
-from .model import Network
+from discovery.state.model import Network
 
 log = logging.getLogger(__name__)
 

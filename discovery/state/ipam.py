@@ -10,7 +10,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Container
 
-from .errors import ConflictError, ExhaustedError, ValidationError
+from discovery.errors import ConflictError, ExhaustedError, ValidationError
+
 from .model import Network
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address

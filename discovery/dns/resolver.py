@@ -25,14 +25,15 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from . import dnswire as w
-from . import netlink
+from discovery.errors import ConflictError, SvcnetError
+from discovery.host import netlink
+from discovery.metrics import Metrics
+from discovery.state.view import View
+
 from . import records as records_mod
+from . import wire as w
 from .answers import PROBE_NAME, PROBE_TEXT, Answers, Entry, Ttls, error_entry, pack
-from .errors import ConflictError, SvcnetError
 from .forward import Forwarder, Upstream, truncated
-from .metrics import Metrics
-from .view import View
 
 log = logging.getLogger(__name__)
 

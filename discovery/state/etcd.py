@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import aetcd
 
-from .errors import EtcdUnavailableError, ValidationError
+from discovery.errors import EtcdUnavailableError, ValidationError
 
 # Errors that mean "etcd is not there right now": retry later, keep serving what we have.
 TRANSIENT_ERRORS = (

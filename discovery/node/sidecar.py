@@ -16,17 +16,16 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from discovery.dns.resolver import DNAT_HINT, Resolver, ResolverConfig, SandboxServer, Scope
+from discovery.errors import EtcdUnavailableError, SvcnetError
+from discovery.host.sandbox import SandboxManager, SandboxSpec
+from discovery.metrics import Metrics, MetricsServer
+from discovery.state.etcd import connect
+from discovery.state.keys import KeyLayout
+from discovery.state.lease import LeaseKeeper
+from discovery.state.registry import Registry
+from discovery.state.watch import ViewWatcher
 from lb.sync import LbSync, make_backend
-
-from .errors import EtcdUnavailableError, SvcnetError
-from .etcd import connect
-from .keys import KeyLayout
-from .lease import LeaseKeeper
-from .metrics import Metrics, MetricsServer
-from .registry import Registry
-from .resolver import DNAT_HINT, Resolver, ResolverConfig, SandboxServer, Scope
-from .sandbox import SandboxManager, SandboxSpec
-from .watch import ViewWatcher
 
 log = logging.getLogger(__name__)
 

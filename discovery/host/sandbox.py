@@ -18,12 +18,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import netlink, nsexec
-from .errors import ConflictError, NotFoundError, ValidationError
-from .health import HealthSpec
-from .model import Endpoint, Network, normalize_name
-from .procs import pid_alive
-from .registry import Registry, SandboxRequest
+from discovery.errors import ConflictError, NotFoundError, ValidationError
+from discovery.procs import pid_alive
+from discovery.state.model import Endpoint, HealthSpec, Network, normalize_name
+from discovery.state.registry import Registry, SandboxRequest
+
+from . import netlink
+
+from . import nsexec
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +89,12 @@ class SandboxRecord:
 
     def exec_argv(self, command: list[str]) -> list[str]:
         """Run ``command`` inside this sandbox as `svcnet exec` does (its resolv.conf, hosts, hostname)."""
-        return exec_argv(self.to_dict(), command)
+        return nsexec.sandbox_argv(self.to_dict(), command)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["status"] = self.status()
         return data
-
-
-def exec_argv(record: dict, command: list[str]) -> list[str]:
-    """For a sandbox record as the API returns it; someone else's netns keeps its own files."""
-    if not record["owns_netns"]:
-        return nsexec.argv(record["netns"], command)
-    files = record["files"]
-    return nsexec.argv(record["netns"], command, files["resolv_conf"], files["hosts"], record["hostname"])
 
 
 class SandboxManager:

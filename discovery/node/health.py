@@ -11,32 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
 
-from .errors import ValidationError
+from discovery.state.model import HealthSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class HealthSpec:
-    cmd: str
-    interval: float = 5.0
-    retries: int = 3
-
-    def __post_init__(self) -> None:
-        if not self.cmd.strip():
-            raise ValidationError("--health-cmd must not be empty")
-        if self.interval <= 0:
-            raise ValidationError("--health-interval must be more than 0 seconds")
-        if self.retries < 1:
-            raise ValidationError("--health-retries must be at least 1")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def command(self) -> list[str]:
-        return ["sh", "-c", self.cmd]
 
 
 class HealthState:

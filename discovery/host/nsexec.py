@@ -3,7 +3,7 @@
 Like ``ip netns exec`` (and Docker's container setup) the command gets a private mount
 namespace in which the sandbox's resolv.conf and hosts file are bind-mounted over
 /etc/resolv.conf and /etc/hosts, and a private UTS namespace for its hostname. Usable as
-``python -m discovery.nsexec --netns PATH [...] -- CMD ARGS`` or in-process via ``enter``.
+``python -m discovery.host.nsexec --netns PATH [...] -- CMD ARGS`` or in-process via ``enter``.
 """
 
 from __future__ import annotations
@@ -62,11 +62,19 @@ def argv(netns: str, command: list[str], resolv_conf: str | None = None, hosts: 
     for flag, value in (("--resolv-conf", resolv_conf), ("--hosts", hosts), ("--hostname", hostname)):
         if value:
             options += [flag, value]
-    return [sys.executable, "-m", "discovery.nsexec", "--netns", netns, *options, "--", *command]
+    return [sys.executable, "-m", "discovery.host.nsexec", "--netns", netns, *options, "--", *command]
+
+
+def sandbox_argv(record: dict, command: list[str]) -> list[str]:
+    """For a sandbox record as the API returns it; someone else's netns keeps its own files."""
+    if not record["owns_netns"]:
+        return argv(record["netns"], command)
+    files = record["files"]
+    return argv(record["netns"], command, files["resolv_conf"], files["hosts"], record["hostname"])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m discovery.nsexec",
+    parser = argparse.ArgumentParser(prog="python -m discovery.host.nsexec",
                                      description="Run COMMAND inside a svcnet sandbox.")
     parser.add_argument("--netns", required=True)
     parser.add_argument("--resolv-conf")

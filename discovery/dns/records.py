@@ -25,8 +25,8 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .model import Endpoint, Service
-from .view import View
+from discovery.state.model import Endpoint, Service
+from discovery.state.view import View
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
