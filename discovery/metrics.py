@@ -1,14 +1,14 @@
-"""Prometheus metrics: counters, gauges and histograms, and a tiny /metrics HTTP server.
+"""Prometheus metrics: counters, gauges and histograms, rendered in the text format.
 
 Hand-rolled rather than prometheus_client because the DNS hot path must not take a lock or
 allocate per query: the resolver counts hits on its memoized replies and folds them into
 these counters only when /metrics is scraped (see ``Metrics.on_collect``). Everything
-runs on the agent's one event loop, so plain dicts are safe.
+runs on the node's one event loop, so plain dicts are safe. The node's HTTP server
+(``node/api.py``) serves the rendered text.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -162,39 +162,3 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"metrics address {text!r} must look like 127.0.0.1:9253")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-class MetricsServer:
-    """GET /metrics over HTTP/1.0-style one-request connections."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-        self._server: asyncio.Server | None = None
-        self.address: tuple[str, int] | None = None
-
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._handle, host, port)
-        self.address = self._server.sockets[0].getsockname()[:2]
-        return self.address
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            if method != "GET" or path.split("?")[0] not in ("/metrics", "/"):
-                status, body, kind = "404 Not Found", b"try GET /metrics\n", "text/plain"
-            else:
-                status, kind = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
-                body = self.metrics.render().encode()
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError, ConnectionError):
-            pass
-        finally:
-            writer.close()

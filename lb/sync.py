@@ -60,6 +60,9 @@ class LbSync:
         self._dirty = asyncio.Event()
         self._synced = asyncio.Condition()
         self._conntrack_warned = False
+        # no sync before the first View (from etcd or the snapshot on disk): an empty View
+        # would take every VIP out of every sandbox of a restarted node
+        self._has_view = asyncio.Event()
         self.syncs = metrics.counter("svcnet_lb_syncs_total", "Load-balancer syncs, by result.", ("result",))
         self.duration = metrics.histogram("svcnet_lb_sync_seconds", "Duration of one load-balancer sync.")
         self.rules_written = metrics.counter("svcnet_lb_rules_written_total",
@@ -85,6 +88,7 @@ class LbSync:
 
     def on_view(self, view: View) -> None:
         self.view = view
+        self._has_view.set()
         self._dirty.set()
 
     def add(self, name: str, netns: str, attached, foreign: bool = False) -> None:
@@ -105,6 +109,7 @@ class LbSync:
 
     async def wait_synced(self, name: str, timeout: float = 5.0) -> None:
         """Until ``name`` runs the plan of the current View (so its VIPs work now)."""
+        await asyncio.wait_for(self._has_view.wait(), timeout)
         revision = self.view.revision
 
         def done() -> bool:
@@ -120,6 +125,7 @@ class LbSync:
     # ---- the loop --------------------------------------------------------------------
 
     async def run(self) -> None:
+        await self._has_view.wait()
         while True:
             deadlines = [s.deadline for s in self.sandboxes.values() if s.deadline is not None]
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None

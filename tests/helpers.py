@@ -198,11 +198,16 @@ class Cli:
                     self.run("network", "rm", network["name"], check=False)
             time.sleep(0.3)  # the agent removes bridges on the View change
         self.stop_agent()
-        sweep(self.run_id, self.prefix)
+        sweep(self.run_id, self.prefix, self.state_dir)
 
 
-def sweep(run_id: str, prefix: str) -> None:
-    """Delete namespaces, links and chains named for this run, whatever state it left."""
+def sweep(run_id: str, prefix: str, state_dir: Path | None = None) -> None:
+    """Delete namespaces, links, chains and netns pins of this run, whatever state it left."""
+    if state_dir is not None:  # pins of attached netns (a killed sidecar leaves its own)
+        with open("/proc/self/mounts") as mounts:
+            pins = [line.split()[1] for line in mounts if line.split()[1].startswith(str(state_dir) + "/")]
+        for pin in pins:
+            subprocess.run(["umount", "-l", pin], capture_output=True)
     for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else []:
         if run_id in name:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)

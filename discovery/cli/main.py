@@ -16,14 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from discovery import __version__
-
-from discovery import log
+from discovery import __version__, log
 from discovery.errors import AgentUnavailableError, SvcnetError
 from discovery.host.nsexec import sandbox_argv
 from discovery.node.client import ApiClient
 from discovery.state.keys import KeyLayout
-from discovery.state.model import Network, PortSpec, Service
 
 # etcd's client (gRPC) and asyncio are imported where they are used: sandbox commands only
 # talk to the agent, and their start-up time is the user's wait.
@@ -152,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between checks, and each check's time limit (default 5)")
     health.add_argument("--health-retries", type=int, default=3, metavar="N",
                         help="failures in a row before the task counts as unhealthy (default 3)")
+    p.add_argument("--restart", default="no", metavar="POLICY",
+                   help="with -d: no (default), on-failure[:N], always or unless-stopped, as Docker; "
+                        "a command that ends leaves DNS answers and VIPs within a second either way")
     p.add_argument("-d", "--detach", action="store_true",
                    help="leave the sandbox running in the background (the agent starts COMMAND); "
                         "without it COMMAND runs in the foreground and the sandbox is removed when it exits")
@@ -271,16 +271,6 @@ def _metrics_address(args) -> tuple[str, int] | None:
         raise SvcnetError(str(exc)) from None
 
 
-def _run_loop(coroutine):
-    """uvloop where it is installed: the DNS hot path is about 4x faster on it."""
-    try:
-        import uvloop
-    except ImportError:
-        import asyncio
-        return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
-
-
 def _sandbox_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True, help="container name (a DNS label, unique per network)")
     parser.add_argument("--network", action="append", required=True,
@@ -315,7 +305,7 @@ def _with_registry(args, action):
 
 
 def _agent(args) -> ApiClient:
-    """A client for the local agent, starting the agent if it is not running."""
+    """A client for the local agent, starting the agent if none runs on this state dir."""
     client = ApiClient(args.state_dir / "agent.sock")
     try:
         info = client.call("GET", "/v1/info")
@@ -330,24 +320,56 @@ def _agent(args) -> ApiClient:
     return client
 
 
+def _agent_running(state_dir: Path) -> int | None:
+    """The PID of the agent holding this state dir's lock (running, maybe not serving yet)."""
+    import fcntl
+
+    try:
+        fd = os.open(state_dir / "agent.lock", os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            return int((state_dir / "agent.pid").read_text())
+        except (OSError, ValueError):
+            return 0
+    finally:
+        os.close(fd)  # closing drops the lock if we took it
+    return None
+
+
 def _start_agent(args, client: ApiClient, timeout: float = 30.0) -> dict:
+    """Start the agent, or wait for the one that holds the lock to open its socket."""
     args.state_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "discovery.cli", "--etcd", _etcd_url(args), "--prefix", args.prefix,
-            "--node", args.node, "--state-dir", str(args.state_dir), "--log-level", "info", "agent"]
     log_path = args.state_dir / "agent.log"
-    with open(log_path, "ab") as output:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                                   start_new_session=True)
-    print(f"svcnet: started the agent (pid {process.pid}, log {log_path})", file=sys.stderr)
+    holder = _agent_running(args.state_dir)
+    process = None
+    if holder is None:
+        argv = [sys.executable, "-m", "discovery.cli", "--etcd", _etcd_url(args), "--prefix", args.prefix,
+                "--node", args.node, "--state-dir", str(args.state_dir), "--log-level", "info", "agent"]
+        with open(log_path, "ab") as output:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                       start_new_session=True)
+        print(f"svcnet: started the agent (pid {process.pid}, log {log_path})", file=sys.stderr)
+    else:
+        print(f"svcnet: waiting for the agent (pid {holder or 'unknown'}) to open {client.socket_path}",
+              file=sys.stderr)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if process is not None and process.poll() is not None:
+            if _agent_running(args.state_dir) is not None:  # another CLI's agent won the lock
+                process = None
+                continue
             raise AgentUnavailableError(f"the agent exited with code {process.returncode}; see {log_path}")
+        if process is None and _agent_running(args.state_dir) is None:
+            raise AgentUnavailableError(f"the agent on {args.state_dir} stopped before serving; see {log_path}")
         try:
             return client.call("GET", "/v1/info")
         except AgentUnavailableError:
-            time.sleep(0.1)
-    raise AgentUnavailableError(f"the agent did not come up within {timeout:.0f}s; see {log_path}")
+            time.sleep(0.05)
+    raise AgentUnavailableError(f"the agent did not open {client.socket_path} within {timeout:.0f}s; see {log_path}")
 
 
 def _print(rows: list[dict], columns: list[tuple[str, str]], fmt: str, raw: object) -> None:
@@ -369,6 +391,8 @@ def _strip_dashdash(command: list[str]) -> list[str]:
 
 
 def cmd_network_create(args) -> int:
+    from discovery.state.model import Network
+
     network = Network.create(args.name, args.subnet, args.subnet6, args.gateway, args.internal, args.driver)
     _with_registry(args, lambda r: r.create_network(network))
     print(network.name)
@@ -421,6 +445,8 @@ def cmd_network_rm(args) -> int:
 
 
 def cmd_service_create(args) -> int:
+    from discovery.state.model import PortSpec, Service
+
     ports = tuple(PortSpec.parse(text) for text in args.publish)
     service = Service(args.name, tuple(args.network), args.endpoint_mode, tuple(args.alias), ports)
     stored = _with_registry(args, lambda r: r.create_service(service))
@@ -429,7 +455,7 @@ def cmd_service_create(args) -> int:
     return 0
 
 
-def _service_row(service: Service) -> dict:
+def _service_row(service) -> dict:
     return {
         "name": service.name, "mode": service.endpoint_mode, "networks": ",".join(service.networks),
         "vips": ",".join(f"{n}={ip}" for n, ip in service.vips.items()) or "-",
@@ -480,6 +506,10 @@ def _sandbox_body(args, command: list[str], detach: bool, netns: str | None = No
         "hostname": getattr(args, "hostname", None), "ip": args.ip, "netns": netns,
         "command": command, "detach": detach,
     }
+    if getattr(args, "restart", "no") != "no":
+        if not detach:
+            raise SvcnetError("--restart needs -d (a foreground command ends with the sandbox)")
+        body["restart"] = args.restart
     if getattr(args, "health_cmd", None):
         body["health"] = {"cmd": args.health_cmd, "interval": args.health_interval, "retries": args.health_retries}
     return body
@@ -554,32 +584,35 @@ def cmd_rm(args) -> int:
     return failed
 
 
-def cmd_agent(args) -> int:
-    from discovery.node.agent import Agent, AgentConfig
-    config = AgentConfig(
+def _node_options(args):
+    """The one definition of what a node (agent or sidecar) takes from the command line."""
+    from discovery.node.runtime import NodeOptions
+
+    return NodeOptions(
         _etcd_url(args), KeyLayout(args.prefix).prefix, args.node, args.state_dir, args.lease_ttl,
         resolver=_resolver_config(args), metrics_addr=_metrics_address(args),
-        metrics_addr_explicit=args.metrics_addr != DEFAULT_METRICS_ADDR,
+        metrics_addr_explicit=args.metrics_addr not in (DEFAULT_METRICS_ADDR, ""),
         lb_backend=args.lb_backend, drain_grace=args.drain_grace,
     )
-    _run_loop(Agent(config).run())
-    return 0
+
+
+def cmd_agent(args) -> int:
+    from discovery.node.agent import run_agent
+
+    if args.lease_ttl < 2:
+        raise SvcnetError("--lease-ttl must be at least 2 seconds")
+    return run_agent(_node_options(args))
 
 
 def cmd_sidecar(args) -> int:
-    from discovery.host import netlink
-    from discovery.node.sidecar import SidecarConfig, run_sidecar
+    from discovery.host import netns
+    from discovery.node.sidecar import SidecarSpec, run_sidecar
 
-    path = netlink.netns_path(args.netns)
-    if not netlink.netns_exists(path):
+    path = netns.netns_path(args.netns)
+    if not netns.netns_exists(path):
         raise SvcnetError(f"network namespace {path!r} does not exist; give /proc/PID/ns/net of the container")
-    config = SidecarConfig(
-        _etcd_url(args), KeyLayout(args.prefix).prefix, args.node, args.state_dir, path, args.name,
-        tuple(args.network), args.service, tuple(args.alias), args.hostname, args.ip, args.lease_ttl,
-        resolver=_resolver_config(args), metrics_addr=_metrics_address(args),
-        lb_backend=args.lb_backend, drain_grace=args.drain_grace,
-    )
-    return _run_loop(run_sidecar(config))
+    spec = SidecarSpec(path, args.name, tuple(args.network), args.service, tuple(args.alias), args.hostname, args.ip)
+    return run_sidecar(_node_options(args), spec)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from discovery.errors import ConflictError, SvcnetError
-from discovery.host import netlink
+from discovery.host.netns import entered_netns
 from discovery.metrics import Metrics
 from discovery.state.view import View
 
@@ -316,7 +316,7 @@ class TcpConnection(asyncio.Protocol):
 
 def open_sockets(netns: str) -> tuple[socket.socket, socket.socket]:
     """UDP and TCP sockets bound to 127.0.0.11:53 inside ``netns`` (runs on a worker thread)."""
-    with netlink.entered_netns(netns):
+    with entered_netns(netns):
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -350,7 +350,7 @@ def probe(netns: str, timeout: float = 1.0) -> bool:
     Docker's embedded DNS DNATs 127.0.0.11:53 to its own port in containers on user-defined
     networks; then our bound socket never sees a query, and this returns False.
     """
-    with netlink.entered_netns(netns):
+    with entered_netns(netns):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with sock:
         sock.settimeout(timeout)

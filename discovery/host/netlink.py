@@ -11,7 +11,6 @@ guessing from their names.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import logging
@@ -20,15 +19,15 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from pyroute2 import IPRoute, NetlinkError
 
 from discovery.state.model import Network
 
+from .netns import NETNS_DIR, entered_netns, netns_exists, netns_path  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
-NETNS_DIR = Path("/run/netns")
 
 
 def _short_hash(*parts: str, length: int = 8) -> str:
@@ -44,45 +43,11 @@ def bridge_alias(prefix: str, network: str) -> str:
     return f"svcnet:{prefix}:{network}"
 
 
-def host_veth_name(netns_path: str, network: str) -> str:
-    return "sv" + _short_hash(netns_path, network, length=10)
+def host_veth_name(netns: str, network: str) -> str:
+    return "sv" + _short_hash(netns, network, length=10)
 
 
-def netns_path(name_or_path: str) -> str:
-    return name_or_path if "/" in name_or_path else str(NETNS_DIR / name_or_path)
-
-
-# ---- namespaces --------------------------------------------------------------------
-
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextmanager
-def entered_netns(path: str) -> Iterator[None]:
-    """Run the block with this thread in the netns at ``path``; sockets made there stay there.
-
-    Only for short blocks on worker threads: the thread is switched back on exit.
-    """
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(path, os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
+# ---- namespaces ----------------------------------------------------------------
 
 
 @contextmanager
@@ -115,10 +80,6 @@ def create_netns(name: str) -> str:
 def remove_netns(name: str) -> None:
     if (NETNS_DIR / name).exists():
         _ip("netns", "del", name)
-
-
-def netns_exists(path: str) -> bool:
-    return os.path.exists(path)
 
 
 # ---- bridges -----------------------------------------------------------------------
@@ -164,7 +125,11 @@ def ensure_bridge(prefix: str, network: Network) -> str:
             wanted.append((str(network.gateway6), network.subnet6.prefixlen))
         for address, prefixlen in wanted:
             if (address, prefixlen) not in present:
-                ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+                try:
+                    ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+                except NetlinkError as exc:  # the host sync and a sandbox's build may race here
+                    if exc.code != errno.EEXIST:
+                        raise
     return name
 
 

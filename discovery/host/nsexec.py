@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import signal
 import sys
 
 CLONE_NEWNS = 0x00020000
@@ -56,10 +57,16 @@ def enter(netns: str, resolv_conf: str | None = None, hosts: str | None = None,
 
 
 def argv(netns: str, command: list[str], resolv_conf: str | None = None, hosts: str | None = None,
-         hostname: str | None = None) -> list[str]:
-    """The command line that runs ``command`` in a sandbox through this module."""
+         hostname: str | None = None, exit_file: str | None = None) -> list[str]:
+    """The command line that runs ``command`` in a sandbox through this module.
+
+    With ``exit_file`` this process stays as the command's parent (a shim, as containerd's
+    is for Docker) and writes the command's exit status there: whoever started it may be
+    gone (an agent restart) and still learn how it ended.
+    """
     options = []
-    for flag, value in (("--resolv-conf", resolv_conf), ("--hosts", hosts), ("--hostname", hostname)):
+    for flag, value in (("--resolv-conf", resolv_conf), ("--hosts", hosts), ("--hostname", hostname),
+                        ("--exit-file", exit_file)):
         if value:
             options += [flag, value]
     return [sys.executable, "-m", "discovery.host.nsexec", "--netns", netns, *options, "--", *command]
@@ -80,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolv-conf")
     parser.add_argument("--hosts")
     parser.add_argument("--hostname")
+    parser.add_argument("--exit-file", help="stay as the parent and write the exit status here")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -87,10 +95,64 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give a COMMAND after --")
     try:
         enter(args.netns, args.resolv_conf, args.hosts, args.hostname)
+        if args.exit_file:
+            sys.exit(_supervise(command, args.exit_file))
         os.execvp(command[0], command)
     except OSError as exc:
         print(f"svcnet: cannot run {command[0]!r} in the sandbox: {exc}", file=sys.stderr)
-        sys.exit(127 if isinstance(exc, FileNotFoundError) else 126)
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        if args.exit_file:
+            _write_exit(args.exit_file, code)
+        sys.exit(code)
+
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _supervise(command: list[str], exit_file: str) -> int:
+    """Run ``command`` as our child, pass signals on, record how it ended; return its code."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read_end)
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        try:
+            os.execvp(command[0], command)
+        except OSError as exc:
+            os.write(write_end, f"{127 if isinstance(exc, FileNotFoundError) else 126} {exc}".encode())
+        os._exit(127)
+    os.close(write_end)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, lambda signum, frame: _pass_on(child, signum))
+    failure = os.read(read_end, 4096).decode()  # empty once exec closed the pipe
+    os.close(read_end)
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    code = int(failure.split()[0]) if failure else os.waitstatus_to_exitcode(status)
+    if failure:
+        print(f"svcnet: cannot run {command[0]!r} in the sandbox: {failure.split(' ', 1)[1]}", file=sys.stderr)
+    code = code if code >= 0 else 128 - code  # killed by signal N -> 128+N, as a shell says
+    _write_exit(exit_file, code)
+    return code
+
+
+def _pass_on(child: int, signum: int) -> None:
+    try:
+        os.kill(child, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _write_exit(path: str, code: int) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as out:
+        out.write(f"{code}\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

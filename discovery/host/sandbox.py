@@ -1,13 +1,20 @@
 """Local sandboxes: a netns with one veth per network, its files, and its registry entries.
 
-The agent owns these. Each sandbox's record lives in ``<state-dir>/sandboxes/<name>/``
-(``sandbox.json``, ``resolv.conf``, ``hosts``, ``output.log``), so a restarted agent knows
-what it runs and re-asserts the sandboxes' endpoints under its new lease.
+The node owns these. Each sandbox's record lives in ``<state-dir>/sandboxes/<name>/``
+(``sandbox.json``, ``resolv.conf``, ``hosts``, ``output.log``, ``exit_code``), so a restarted
+agent knows what it runs and re-asserts the sandboxes' endpoints under its new lease.
+
+A detached command runs under a small shim (``nsexec --exit-file``) that records its exit
+status, and is known by its PID *and* start time, so an agent restarted meanwhile still
+learns how it ended and never mistakes a reused PID for it. A netns svcnet did not make is
+pinned at once (a bind mount under ``<state-dir>/netns/``): a ``/proc/PID/ns/net`` path
+would name someone else's netns once that PID is reused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -19,17 +26,60 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from discovery.errors import ConflictError, NotFoundError, ValidationError
-from discovery.procs import pid_alive
+from discovery.files import write_atomically
+from discovery.procs import pid_alive, start_time
 from discovery.state.model import Endpoint, HealthSpec, Network, normalize_name
 from discovery.state.registry import Registry, SandboxRequest
 
-from . import netlink
+from . import netns, nsexec
 
-from . import nsexec
+
+def _netlink():
+    """pyroute2 loads on first use: a restarting node serves DNS before it needs it."""
+    from . import netlink
+    return netlink
 
 log = logging.getLogger(__name__)
 
+EXIT_UNKNOWN = -1  # the command is gone and left no exit status (killed with its shim)
+RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
+RESTART_BACKOFF_MAX = 60.0
+RESTART_RESET_AFTER = 10.0  # a command that ran this long starts its backoff afresh, as Docker
+
+
+def parse_restart(text: str) -> tuple[str, int | None]:
+    """``on-failure:3`` -> ("on-failure", 3); refuses what Docker would refuse."""
+    policy, _, count = (text or "no").partition(":")
+    if policy not in RESTART_POLICIES:
+        raise ValidationError(f"--restart {text!r}: use one of no, on-failure[:N], always, unless-stopped")
+    if count and (policy != "on-failure" or not count.isdigit() or int(count) < 1):
+        raise ValidationError(f"--restart {text!r}: only on-failure takes a count, a number of at least 1")
+    return policy, int(count) if count else None
+
+
+def should_restart(policy_text: str, exit_code: int, restarts: int) -> bool:
+    policy, limit = parse_restart(policy_text)
+    if policy in ("always", "unless-stopped"):
+        return True
+    if policy == "on-failure":
+        return exit_code != 0 and (limit is None or restarts < limit)
+    return False
+
+
+def restart_delay(restarts: int) -> float:
+    """Docker's: 100 ms, doubling with every restart in a row, at most a minute."""
+    return min(0.1 * (2 ** restarts), RESTART_BACKOFF_MAX)
+
+
 RESOLV_CONF = "# written by svcnet: the sandbox's resolver answers on 127.0.0.11\nnameserver 127.0.0.11\noptions ndots:0\n"
+
+
+_SPEC_TYPES = {
+    "name": (str, "a string"), "networks": (list, "a list of strings"), "service": (str, "a string"),
+    "aliases": (list, "a list of strings"), "hostname": (str, "a string"), "ip": (str, "a string"),
+    "netns": (str, "a string"), "command": (list, "a list of strings"), "detach": (bool, "true or false"),
+    "health": (dict, "an object with cmd, interval and retries"), "restart": (str, "a string"),
+}
 
 
 @dataclass
@@ -46,6 +96,7 @@ class SandboxSpec:
     command: list[str] = field(default_factory=list)
     detach: bool = False
     health: dict | None = None  # HealthSpec fields: cmd, interval, retries
+    restart: str = "no"  # no | on-failure[:N] | always | unless-stopped, as Docker
 
     @classmethod
     def from_dict(cls, data: dict) -> SandboxSpec:
@@ -55,10 +106,15 @@ class SandboxSpec:
         unknown = set(data) - known
         if unknown:
             raise ValidationError(f"unknown fields in request: {', '.join(sorted(unknown))}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ValidationError(f"bad request: {exc}") from None
+        for name, value in data.items():
+            kind, what = _SPEC_TYPES[name]
+            if value is None and name not in ("name", "networks"):
+                continue
+            if not isinstance(value, kind) or isinstance(value, list) and not all(isinstance(v, str) for v in value):
+                raise ValidationError(f"field {name!r} must be {what}, not {type(value).__name__}")
+        if "name" not in data or "networks" not in data:
+            raise ValidationError("a sandbox needs 'name' and 'networks'")
+        return cls(**data)
 
 
 @dataclass
@@ -76,16 +132,32 @@ class SandboxRecord:
     pid: int | None = None
     exit_code: int | None = None
     created_at: float = field(default_factory=time.time)
+    started_at: float = 0.0
     files: dict = field(default_factory=dict)
     health_check: dict | None = None  # HealthSpec fields, when the owner checks this sandbox
     health: str = "healthy"
+    pid_start: int | None = None  # the command's start time: a PID alone may be reused
+    restart: str = "no"
+    restarts: int = 0
+    source_netns: str | None = None  # the path a foreign netns was given as, before pinning
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SandboxRecord:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @property
+    def exited(self) -> bool:
+        """A command was started and has ended (its endpoints are out of answers and VIPs)."""
+        return bool(self.command) and self.exit_code is not None
 
     def status(self) -> str:
         if self.pid is None:
             return "exited" if self.exit_code is not None else "created"
         if self.exit_code is not None:
-            return f"exited ({self.exit_code})"
-        return "running" if pid_alive(self.pid) else "exited"
+            code = "unknown" if self.exit_code == EXIT_UNKNOWN else self.exit_code
+            return f"exited ({code})"
+        return "running" if pid_alive(self.pid, self.pid_start) else "exited"
 
     def exec_argv(self, command: list[str]) -> list[str]:
         """Run ``command`` inside this sandbox as `svcnet exec` does (its resolv.conf, hosts, hostname)."""
@@ -104,21 +176,23 @@ class SandboxManager:
         self.node = node
         self.root = state_dir / "sandboxes"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.pins = state_dir / "netns"
         self.netns_prefix = netns_prefix
         self.records: dict[str, SandboxRecord] = {}
         self._processes: dict[str, subprocess.Popen] = {}
         self._lock = asyncio.Lock()
+        self._removing: set[str] = set()
 
     # ---- state -------------------------------------------------------------------------
 
     def load(self) -> None:
         for path in sorted(self.root.glob("*/sandbox.json")):
             try:
-                record = SandboxRecord(**json.loads(path.read_text()))
+                record = SandboxRecord.from_dict(json.loads(path.read_text()))
             except (ValueError, TypeError) as exc:
                 log.warning("skipping unreadable sandbox record path=%s error=%s", path, exc)
                 continue
-            if not netlink.netns_exists(record.netns):
+            if not netns.netns_exists(record.netns):
                 log.warning("sandbox netns is gone, dropping it sandbox=%s netns=%s", record.name, record.netns)
                 shutil.rmtree(path.parent, ignore_errors=True)
                 continue
@@ -127,9 +201,7 @@ class SandboxManager:
     def _save(self, record: SandboxRecord) -> None:
         directory = self.root / record.name
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / "sandbox.json.tmp"
-        tmp.write_text(json.dumps(asdict(record), indent=1))
-        tmp.replace(directory / "sandbox.json")
+        write_atomically(directory / "sandbox.json", json.dumps(asdict(record), indent=1).encode())
 
     def get(self, name: str) -> SandboxRecord:
         record = self.records.get(name.lower())
@@ -146,16 +218,27 @@ class SandboxManager:
         return SandboxRequest(
             container=record.name, networks=tuple(record.networks), node=self.node,
             hostname=record.hostname, aliases=tuple(record.aliases), service=record.service,
-            addresses=tuple(held), netns=record.netns, health=record.health,
+            addresses=tuple(held), netns=record.netns, health="exited" if record.exited else record.health,
         )
 
     async def reassert(self, lease: int) -> None:
-        """Re-write every local sandbox's endpoints under ``lease`` (after a grant)."""
-        for record in list(self.records.values()):
-            try:
-                await self.registry.register_sandbox(self._request(record), lease)
-            except (ConflictError, NotFoundError, ValidationError) as exc:
-                log.error("cannot re-register sandbox sandbox=%s error=%s", record.name, exc)
+        """Re-write every local sandbox's endpoints under ``lease`` (after a grant), in batches."""
+        async with self._lock:  # never write back a sandbox that is being removed
+            records = list(self.records.values())
+            failed = await self.registry.reassert_sandboxes([self._request(r) for r in records], lease)
+        for name, error in sorted(failed.items()):
+            log.error("cannot re-register sandbox sandbox=%s error=%r", name, error)
+        log.info("sandboxes re-registered count=%d failed=%d", len(records) - len(failed), len(failed))
+
+    async def publish(self, name: str, lease: int) -> None:
+        """Write one sandbox's current state (health, exited or running) to the registry."""
+        async with self._lock:
+            record = self.records.get(name)
+            if record is None or name in self._removing:
+                return
+            failed = await self.registry.reassert_sandboxes([self._request(record)], lease)
+        if failed:
+            log.error("cannot update sandbox in the registry sandbox=%s error=%r", name, failed[name])
 
     async def set_health(self, name: str, health: str, lease: int) -> None:
         """Record a health transition and write it to the registry (answers and VIPs follow)."""
@@ -164,7 +247,7 @@ class SandboxManager:
             return
         record.health = health
         self._save(record)
-        await self.registry.register_sandbox(self._request(record), lease)
+        await self.publish(name, lease)
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -179,29 +262,41 @@ class SandboxManager:
                 raise ConflictError(f"a sandbox named {name!r} already exists on this node; remove it with 'svcnet rm {name}'")
             owns = spec.netns is None
             netns_name = self.netns_prefix + name
-            path = netlink.netns_path(netns_name) if owns else spec.netns
-            if owns and netlink.netns_exists(path):
+            path = netns.netns_path(netns_name) if owns else spec.netns
+            if owns and netns.netns_exists(path):
                 raise ConflictError(f"network namespace {netns_name!r} already exists; remove it with 'ip netns del {netns_name}'")
-            if not owns and not netlink.netns_exists(path):
+            if not owns and not netns.netns_exists(path):
                 raise NotFoundError(f"network namespace {path!r} does not exist")
             networks = [n.lower() for n in spec.networks]
             try:
                 health_check = HealthSpec(**spec.health).to_dict() if spec.health else None
             except TypeError:
                 raise ValidationError("health takes cmd, interval and retries") from None
+            parse_restart(spec.restart)
+            if spec.restart != "no" and not spec.command:
+                raise ValidationError("--restart needs a COMMAND to restart")
+            source = None
+            if not owns:
+                source, path = path, str(self.pins / name)
+                await asyncio.to_thread(pin_netns, source, path)
             request = SandboxRequest(
                 container=name, networks=tuple(networks), node=self.node,
                 hostname=spec.hostname or name, aliases=tuple(spec.aliases), service=spec.service,
                 addresses=((networks[0], spec.ip),) if spec.ip else (), netns=path,
                 health="starting" if health_check else "healthy",
             )
-            endpoints = await self.registry.register_sandbox(request, lease)
-            network_objects = {n: await self.registry.get_network(n) for n in networks}
+            try:
+                endpoints = await self.registry.register_sandbox(request, lease)
+                network_objects = {n: await self.registry.get_network(n) for n in networks}
+            except BaseException:
+                if source is not None:
+                    await asyncio.to_thread(unpin_netns, path)
+                raise
             record = SandboxRecord(
                 name=name, netns=path, owns_netns=owns, hostname=request.hostname or name,
                 networks=networks, attachments=[], endpoints=[e.to_dict() for e in endpoints],
                 service=request.service, aliases=list(request.aliases), command=list(spec.command),
-                health_check=health_check, health=request.health,
+                health_check=health_check, health=request.health, restart=spec.restart, source_netns=source,
             )
             try:
                 await asyncio.to_thread(self._build, record, endpoints, network_objects)
@@ -218,21 +313,21 @@ class SandboxManager:
 
     def _build(self, record: SandboxRecord, endpoints: list[Endpoint], networks: dict[str, Network]) -> None:
         if record.owns_netns:
-            netlink.create_netns(os.path.basename(record.netns))
+            _netlink().create_netns(os.path.basename(record.netns))
         for index, endpoint in enumerate(endpoints):
             network = networks[endpoint.network]
-            bridge = netlink.ensure_bridge(self.prefix, network)
-            inner = netlink.free_inner_name(record.netns, index if record.owns_netns else 0)
-            attachment = netlink.Attachment(
+            bridge = _netlink().ensure_bridge(self.prefix, network)
+            inner = _netlink().free_inner_name(record.netns, index if record.owns_netns else 0)
+            attachment = _netlink().Attachment(
                 network=network.name,
-                host_ifname=netlink.host_veth_name(record.netns, network.name),
+                host_ifname=_netlink().host_veth_name(record.netns, network.name),
                 inner_ifname=inner,
                 ipv4=str(endpoint.ipv4), prefixlen4=network.subnet.prefixlen,
                 ipv6=str(endpoint.ipv6) if endpoint.ipv6 else None,
                 prefixlen6=network.subnet6.prefixlen if network.subnet6 else None,
             )
             first = index == 0 and record.owns_netns
-            netlink.attach(record.netns, bridge, attachment,
+            _netlink().attach(record.netns, bridge, attachment,
                            str(network.gateway) if first and not network.internal else None,
                            str(network.gateway6) if first and network.gateway6 and not network.internal else None)
             record.attachments.append(asdict(attachment))
@@ -247,41 +342,73 @@ class SandboxManager:
                 hosts.append(f"{endpoint.ipv6}\t{names}")
         (directory / "hosts").write_text("\n".join(hosts) + "\n")
         record.files = {"resolv_conf": str(directory / "resolv.conf"), "hosts": str(directory / "hosts"),
-                        "log": str(directory / "output.log")}
+                        "log": str(directory / "output.log"), "exit": str(directory / "exit_code")}
 
     def _start(self, record: SandboxRecord) -> None:
+        exit_file = Path(record.files.get("exit") or self.root / record.name / "exit_code")
+        record.files["exit"] = str(exit_file)
+        exit_file.unlink(missing_ok=True)
         output = open(record.files["log"], "ab")
         process = subprocess.Popen(
             nsexec.argv(record.netns, record.command, record.files["resolv_conf"],
-                        record.files["hosts"], record.hostname),
+                        record.files["hosts"], record.hostname, exit_file=str(exit_file)),
             stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
         )
         output.close()
-        record.pid = process.pid
+        record.pid, record.exit_code = process.pid, None
+        record.pid_start = start_time(process.pid)
+        record.started_at = time.time()
         self._processes[record.name] = process
 
-    def reap(self) -> None:
-        """Record exit codes of detached commands the agent started."""
-        for name, process in list(self._processes.items()):
-            code = process.poll()
-            if code is not None:
-                del self._processes[name]
-                record = self.records.get(name)
-                if record is not None:
-                    record.exit_code = code
-                    self._save(record)
-                    log.info("sandbox command exited sandbox=%s code=%s", name, code)
+    def poll_exits(self) -> list[SandboxRecord]:
+        """Sandboxes whose command has ended since the last call, with their exit codes recorded.
+
+        Our own children are reaped; a command started by an earlier agent is checked by PID
+        and start time, and its status read from the file its shim wrote.
+        """
+        ended = []
+        for record in self.records.values():
+            if record.pid is None or record.exit_code is not None or record.name in self._removing:
+                continue
+            process = self._processes.get(record.name)
+            if process is not None:
+                if process.poll() is None:
+                    continue
+                del self._processes[record.name]
+            elif pid_alive(record.pid, record.pid_start):
+                continue
+            record.exit_code = _read_exit(record.files.get("exit"))
+            if record.exit_code == EXIT_UNKNOWN and process is not None:
+                record.exit_code = process.returncode if process.returncode >= 0 else 128 - process.returncode
+            self._save(record)
+            log.info("sandbox command exited sandbox=%s code=%s", record.name, record.exit_code)
+            ended.append(record)
+        return ended
+
+    def restart(self, record: SandboxRecord) -> None:
+        """Start the command again (the restart policy said so)."""
+        if time.time() - record.started_at >= RESTART_RESET_AFTER + restart_delay(record.restarts):
+            record.restarts = 0
+        record.restarts += 1
+        self._start(record)
+        self._save(record)
+        log.info("sandbox command restarted sandbox=%s restarts=%d pid=%d", record.name, record.restarts,
+                 record.pid)
 
     async def remove(self, name: str) -> None:
-        async with self._lock:
-            record = self.get(name)
-            await self._teardown(record)
-            del self.records[record.name]
+        record = self.get(name)
+        self._removing.add(record.name)  # its command's exit is not news: no publish, no restart
+        try:
+            async with self._lock:
+                await self._teardown(record)
+                del self.records[record.name]
+        finally:
+            self._removing.discard(record.name)
             log.info("sandbox removed sandbox=%s", record.name)
 
     async def _teardown(self, record: SandboxRecord) -> None:
         """Undo everything create() did; safe on a half-built sandbox."""
-        if record.pid is not None and record.exit_code is None and pid_alive(record.pid):
+        if record.pid is not None and record.exit_code is None and pid_alive(record.pid, record.pid_start):
             await _terminate(record.pid)
         self._processes.pop(record.name, None)
         await self.registry.deregister_sandbox(record.name, record.networks, self.node)
@@ -289,9 +416,11 @@ class SandboxManager:
 
     def _unbuild(self, record: SandboxRecord) -> None:
         for network in record.networks:
-            netlink.remove_link(netlink.host_veth_name(record.netns, network))
+            _netlink().remove_link(_netlink().host_veth_name(record.netns, network))
         if record.owns_netns:
-            netlink.remove_netns(os.path.basename(record.netns))
+            _netlink().remove_netns(os.path.basename(record.netns))
+        elif record.source_netns is not None:
+            unpin_netns(record.netns)
         shutil.rmtree(self.root / record.name, ignore_errors=True)
 
 
@@ -309,3 +438,38 @@ async def _terminate(pid: int, grace: float = 5.0) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _read_exit(path: str | None) -> int:
+    try:
+        return int(Path(path).read_text().strip()) if path else EXIT_UNKNOWN
+    except (OSError, ValueError):
+        return EXIT_UNKNOWN
+
+
+# ---- netns pins ------------------------------------------------------------------------
+
+_MS_BIND = 4096
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def pin_netns(source: str, pin: str) -> None:
+    """Bind-mount the netns at ``source`` (e.g. /proc/PID/ns/net) on ``pin``: it stays that netns."""
+    Path(pin).parent.mkdir(parents=True, exist_ok=True)
+    Path(pin).touch(exist_ok=True)
+    if _libc.mount(source.encode(), pin.encode(), None, _MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        Path(pin).unlink(missing_ok=True)
+        raise ValidationError(f"cannot pin network namespace {source!r}: {os.strerror(err)}; "
+                              "give /proc/PID/ns/net of a running process or /run/netns/NAME")
+
+
+def unpin_netns(pin: str) -> None:
+    _libc.umount2(pin.encode(), _MNT_DETACH)  # EINVAL if it was not mounted: fine
+    try:
+        Path(pin).unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove netns pin path=%s error=%s", pin, exc)

@@ -1,9 +1,17 @@
-"""Connecting to etcd: parse ``--etcd`` URLs and open an aetcd client on the first that answers."""
+"""Connecting to etcd: parse ``--etcd`` URLs and open one aetcd client on all of them.
+
+The client's gRPC channel holds every endpoint given (``round_robin`` over the members
+that are up), so when a member dies its requests move to the others with no code of ours
+in the way; a request that was in flight fails with a transient error and its caller
+retries. Watches end with the connection and are resumed from their last revision.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
+import socket
 from urllib.parse import urlsplit
 
 import aetcd
@@ -44,12 +52,15 @@ def parse_endpoints(text: str) -> list[tuple[str, int]]:
 # within seconds of etcd returning. Keepalives find a dead peer that sent no RST.
 # min_reconnect_backoff is also gRPC's *connect timeout*: too small and a slow machine (or
 # a VM under emulation) never finishes the HTTP/2 handshake.
+# min_reconnect_backoff must stay below max_reconnect_backoff: the retry wait grows from
+# the first towards the second, and a node is back within ~2 s of etcd returning.
 CHANNEL_OPTIONS = {
     "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 5000,
+    "grpc.min_reconnect_backoff_ms": 1000,
     "grpc.max_reconnect_backoff_ms": 2000,
     "grpc.keepalive_time_ms": 10000,
     "grpc.keepalive_timeout_ms": 5000,
+    "grpc.lb_policy_name": "round_robin",
 }
 
 
@@ -61,19 +72,45 @@ def default_timeout() -> float:
         raise ValidationError("SVCNET_ETCD_TIMEOUT must be a number of seconds") from None
 
 
-async def connect(urls: str, timeout: float | None = None) -> aetcd.Client:
-    """An aetcd client for the first endpoint that answers a status call."""
-    timeout = timeout if timeout is not None else default_timeout()
-    errors = []
-    for host, port in parse_endpoints(urls):
-        client = aetcd.Client(host=host, port=port, timeout=timeout, options=CHANNEL_OPTIONS)
+def grpc_target(endpoints: list[tuple[str, int]]) -> str:
+    """One gRPC target naming every endpoint: ``ipv4:a:2379,b:2379`` (names resolved now)."""
+    addresses = []
+    for host, port in endpoints:
         try:
-            await asyncio.wait_for(client.status(), timeout)
-        except (*TRANSIENT_ERRORS, aetcd.exceptions.ClientError) as exc:
-            errors.append(f"{host}:{port}: {exc or type(exc).__name__}")
-            await client.close()
-            continue
-        return client
-    raise EtcdUnavailableError(
-        "cannot reach etcd at " + "; ".join(errors) + ". Is it running? Check --etcd / SVCNET_ETCD"
-    )
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror:
+                if len(endpoints) == 1:
+                    return f"{host}:{port}"  # let gRPC resolve (and report) it
+                raise ValidationError(f"etcd host {host!r} does not resolve; check --etcd") from None
+            address = ipaddress.ip_address(infos[0][4][0])
+        addresses.append((address, port))
+    if all(a.version == 4 for a, _ in addresses):
+        return "ipv4:" + ",".join(f"{a}:{p}" for a, p in addresses)
+    mapped = [a if a.version == 6 else ipaddress.IPv6Address(f"::ffff:{a}") for a, _ in addresses]
+    return "ipv6:" + ",".join(f"[{a}]:{p}" for a, (_, p) in zip(mapped, addresses, strict=True))
+
+
+def client_for(urls: str, timeout: float | None = None) -> aetcd.Client:
+    """A client on every endpoint of ``urls``; it connects on first use (no network here)."""
+    target = grpc_target(parse_endpoints(urls))
+    # aetcd dials f"{host}:{port}"; split our multi-address target where it will be joined again
+    host, _, port = target.rpartition(":")
+    return aetcd.Client(host=host, port=int(port), timeout=timeout if timeout is not None else default_timeout(),
+                        options=CHANNEL_OPTIONS)
+
+
+async def connect(urls: str, timeout: float | None = None) -> aetcd.Client:
+    """A client on every endpoint of ``urls``, once one of them answers a status call."""
+    timeout = timeout if timeout is not None else default_timeout()
+    client = client_for(urls, timeout)
+    try:
+        await asyncio.wait_for(client.status(), timeout)
+    except (*TRANSIENT_ERRORS, aetcd.exceptions.ClientError) as exc:
+        await client.close()
+        raise EtcdUnavailableError(
+            f"cannot reach etcd at {urls}: {exc or type(exc).__name__}. Is it running? Check --etcd / SVCNET_ETCD"
+        ) from None
+    return client

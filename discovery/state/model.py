@@ -28,7 +28,7 @@ SUPPORTED_DRIVERS = ("bridge",)  # "overlay" joins when multi-host networking la
 ENDPOINT_MODES = ("vip", "dnsrr")
 PROTOCOLS = ("tcp", "udp")
 PUBLISH_MODES = ("ingress", "host")
-HEALTH_STATES = ("starting", "healthy", "unhealthy")
+HEALTH_STATES = ("starting", "healthy", "unhealthy", "exited")  # exited: its command ended
 
 
 def normalize_name(name: str, what: str = "name") -> str:

@@ -25,6 +25,8 @@ from .model import Endpoint, Network, Node, Service
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 20
+# etcd's default --max-txn-ops: compares and operations per transaction, each
+TXN_OPS = 128
 # A name that would be ambiguous in DNS: "tasks.<svc>" lists a service's tasks.
 RESERVED_NAMES = frozenset({"tasks"})
 
@@ -367,6 +369,108 @@ class Registry:
                                  _encode(endpoint), lease=lease))
         return compares, puts
 
+    async def reassert_sandboxes(self, requests: Sequence[SandboxRequest], lease: int) -> dict[str, str]:
+        """Re-write many sandboxes' endpoints and claims under ``lease`` in a few transactions.
+
+        For an owner that got a new lease (or restarted): every request names the addresses
+        it already holds. Claims are read by key (never by listing a network, which costs as
+        much as the network is big), then written in transactions of at most ``TXN_OPS``
+        operations, each guarded by compares on exactly the keys it writes. A sandbox whose
+        name or address someone else holds now is left out; a batch that raced another
+        writer is retried sandbox by sandbox. Returns {container: error} for those left out.
+        """
+        failed: dict[str, str] = {}
+        plans = []
+        for chunk in _chunks(list(requests), TXN_OPS // 8 or 1):
+            keys = [key for request in chunk for key in self._sandbox_keys(request)]
+            current = await self._read_keys(keys)
+            for request in chunk:
+                try:
+                    plans.append((request, self._reassert_ops(request, current, lease)))
+                except ConflictError as exc:
+                    failed[request.container] = str(exc)
+        batch: list = []
+        for plan in plans + [None]:
+            if plan is not None and sum(len(p[1][1]) for p in batch) + len(plan[1][1]) <= TXN_OPS \
+                    and sum(len(p[1][0]) for p in batch) + len(plan[1][0]) <= TXN_OPS:
+                batch.append(plan)
+                continue
+            if batch:
+                compares = [c for _, (cs, _) in batch for c in cs]
+                puts = [o for _, (_, ps) in batch for o in ps]
+                ok, _ = await self.client.transaction(compare=compares, success=puts, failure=[])
+                if not ok:  # someone wrote one of these keys meanwhile: one at a time, with messages
+                    for request, _ in batch:
+                        try:
+                            await self.register_sandbox(request, lease)
+                        except (ConflictError, NotFoundError, ValidationError) as exc:
+                            failed[request.container] = str(exc)
+            batch = [plan] if plan is not None else []
+        return failed
+
+    def _sandbox_keys(self, request: SandboxRequest) -> list[bytes]:
+        keys = []
+        for network in request.networks:
+            keys.append(self.keys.network(network))
+            keys += [self.keys.name_claim(network, n) for n in _dns_names(request)]
+            keys += [self.keys.address_claim(network, a) for net, a in request.addresses if net == network]
+        if request.service:
+            keys.append(self.keys.service(request.service))
+        return keys
+
+    async def _read_keys(self, keys: list[bytes]) -> dict[bytes, bytes | None]:
+        found: dict[bytes, bytes | None] = dict.fromkeys(keys)
+        unique = list(dict.fromkeys(keys))
+        for chunk in _chunks(unique, TXN_OPS):
+            _, responses = await self.client.transaction(
+                compare=[], success=[self.txn.get(key) for key in chunk], failure=[])
+            for key, response in zip(chunk, responses, strict=True):
+                found[key] = response[0][0] if response else None
+        return found
+
+    def _reassert_ops(self, request: SandboxRequest, current: dict[bytes, bytes | None], lease: int):
+        container = request.container.lower()
+        holder = Claim("container", container, "name", request.node)
+        compares, puts = [], []
+        for network in request.networks:
+            network_raw = current.get(self.keys.network(network))
+            if network_raw is None:
+                raise ConflictError(f"network {network!r} no longer exists")
+            compares.append(self.txn.version(self.keys.network(network)) > 0)
+            roles = {container: "name"}
+            if request.hostname:
+                roles.setdefault(request.hostname.lower(), "hostname")
+            for alias in request.aliases:
+                roles.setdefault(alias.lower(), "alias")
+            held = [(self.keys.name_claim(network, n), role, f"name {n!r}") for n, role in roles.items()]
+            addresses = {}
+            for net, text in request.addresses:
+                if net == network:
+                    address = ipam.parse_address(text)
+                    addresses[address.version] = address
+                    held.append((self.keys.address_claim(network, address), "address", f"address {address}"))
+            if 4 not in addresses:
+                raise ConflictError(f"sandbox {container!r} holds no address on {network!r}; register it afresh")
+            for key, role, what in held:
+                raw = current.get(key)
+                claim = Claim.decode(raw) if raw is not None else None
+                if raw is not None and (claim is None or not claim.same_holder(holder)):
+                    who = claim.describe() if claim else "an unreadable claim"
+                    raise ConflictError(f"{what} on network {network!r} is now held by {who}")
+                compares.append(self.txn.version(key) == 0 if raw is None else self.txn.value(key) == raw)
+                puts.append(self.txn.put(key, Claim("container", container, role, request.node).encode(),
+                                         lease=lease))
+            endpoint = Endpoint(
+                container=container, network=network, ipv4=addresses[4], ipv6=addresses.get(6),
+                node=request.node, hostname=request.hostname, aliases=request.aliases,
+                service=request.service, netns=request.netns, health=request.health)
+            puts.append(self.txn.put(self.keys.endpoint(network, container), _encode(endpoint), lease=lease))
+        if request.service:
+            if current.get(self.keys.service(request.service)) is None:
+                raise ConflictError(f"service {request.service!r} no longer exists")
+            compares.append(self.txn.version(self.keys.service(request.service)) > 0)
+        return compares, puts
+
     async def deregister_sandbox(self, container: str, networks: Iterable[str], node: str) -> None:
         """Delete the container's endpoints and every claim it holds on ``networks``."""
         container = container.lower()
@@ -403,6 +507,18 @@ def _refuse_taken_name(claims: _Claims, dns_name: str, holder: Claim, network: s
     raise ConflictError(
         f"name {dns_name!r} on network {network!r} is already used by {who}; choose another name or alias"
     )
+
+
+def _dns_names(request: SandboxRequest) -> list[str]:
+    names = [request.container.lower()]
+    for name in (request.hostname, *request.aliases):
+        if name and name.lower() not in names:
+            names.append(name.lower())
+    return names
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _encode(value: Network | Service | Endpoint | Node) -> bytes:

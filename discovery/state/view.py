@@ -82,11 +82,12 @@ class View:
                 table.pop(ident, None)
                 continue
             obj = decode(model, change.key, change.value)
-            if obj is None or _identity(obj) != ident:
-                if obj is not None:
-                    log.warning("skipping value whose name does not match its key key=%s",
-                                change.key.decode(errors="replace"))
-                table.pop(ident, None)
+            if obj is not None and _identity(obj) != ident:
+                _report_once(change, "skipping value whose name does not match its key")
+                obj = None
+            if obj is None:
+                # keep the last good version: one bad write must not delete a bridge, a
+                # sandbox's rules or anyone's names
                 continue
             table[ident] = obj
         frozen = {k: MappingProxyType(v) if v is not None else current[k] for k, v in tables.items()}
@@ -98,12 +99,30 @@ class View:
 
 
 def decode(model, key: bytes, raw: bytes):
-    """Decode one etcd value into ``model``; log and return None if it is bad."""
+    """Decode one etcd value into ``model``; log (once per key and value) and return None if bad."""
     try:
-        return model.from_dict(json.loads(raw))
-    except (ValueError, ValidationError) as exc:
-        log.warning("skipping malformed value key=%s error=%s", key.decode(errors="replace"), exc)
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return model.from_dict(data)
+    except (ValueError, ValidationError, TypeError, KeyError, AttributeError) as exc:
+        _report_once(Change(key, raw), f"skipping malformed value error={str(exc).replace(chr(10), ' ')!r}")
         return None
+
+
+_reported: dict[bytes, int] = {}  # key -> hash of the bad value already logged
+
+
+def _report_once(change: Change, message: str) -> None:
+    fingerprint = hash(change.value)
+    if _reported.get(change.key) == fingerprint:
+        return
+    if len(_reported) > 10_000:
+        _reported.clear()
+    _reported[change.key] = fingerprint
+    words = message.split(" error=", 1)
+    suffix = f" error={words[1]}" if len(words) > 1 else ""
+    log.warning("%s; the last good version stays key=%s%s", words[0], change.key.decode(errors="replace"), suffix)
 
 
 def _identity(obj):

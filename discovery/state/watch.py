@@ -31,7 +31,7 @@ class ViewWatcher:
         client: aetcd.Client,
         keys: KeyLayout,
         min_backoff: float = 0.1,
-        max_backoff: float = 5.0,
+        max_backoff: float = 2.0,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -49,6 +49,15 @@ class ViewWatcher:
     def subscribe(self, subscriber: Subscriber) -> None:
         """Call ``subscriber(view)`` after every new View (sync or async callables)."""
         self._subscribers.append(subscriber)
+
+    async def seed(self, view: View) -> None:
+        """Serve ``view`` (a snapshot from disk) until the first listing replaces it."""
+        await self._publish(view)
+
+    @property
+    def listed(self) -> bool:
+        """True once etcd has been listed at least once by this process."""
+        return self._ready.is_set()
 
     async def ready(self) -> View:
         """Wait for the first listing."""

@@ -28,3 +28,19 @@ def test_resolver_options_explain_their_defaults(capsys):
     for text in ("--upstream IP[:PORT]", "resolv.conf", "--ttl-vip", "default 600", "--max-inflight",
                  "--metrics-addr", "Docker waits 4"):
         assert text in out, text
+
+
+@pytest.mark.parametrize("argv", [
+    ["--prefix", "/x", "--state-dir", "/s", "ps"],
+    ["ps", "--prefix", "/x", "--state-dir", "/s"],
+    ["--prefix", "/x", "network", "ls", "--state-dir", "/s"],
+], ids=["before", "after", "both"])
+def test_global_options_before_or_after_the_command(argv):
+    args = build_parser().parse_args(argv)
+    assert args.prefix == "/x" and str(args.state_dir) == "/s"
+
+
+def test_restart_policy_is_an_option_of_run():
+    args = build_parser().parse_args(["run", "-d", "--name", "a", "--network", "n", "--restart", "on-failure:3",
+                                      "--", "true"])
+    assert args.restart == "on-failure:3"

@@ -9,9 +9,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
-kernel=$(ls /boot/vmlinuz-* 2>/dev/null | sort -V | tail -1)
+kernel=$( (ls /boot/vmlinuz-* 2>/dev/null || true) | sort -V | tail -1)
 if [[ -z $kernel ]]; then
-    echo "ipvs lane: no kernel under /boot; apt-get install linux-image-amd64" >&2
+    echo "ipvs lane: FAILED: no kernel image under /boot to boot in the VM; apt-get install linux-image-amd64" >&2
+    echo "          (scripts/install-deps.sh --with-vm-lane does)" >&2
+    exit 1
+fi
+if ! command -v vng >/dev/null && [[ ! -x $PWD/.venv/bin/vng ]]; then
+    echo "ipvs lane: FAILED: virtme-ng (vng) is not installed; scripts/install-deps.sh --with-vm-lane installs it" >&2
     exit 1
 fi
 export PATH=$repo/.venv/bin:$PATH
