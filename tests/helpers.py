@@ -210,6 +210,13 @@ def sweep(run_id: str, prefix: str, state_dir: Path | None = None) -> None:
             subprocess.run(["umount", "-l", pin], capture_output=True)
     for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else []:
         if run_id in name:
+            # commands the run started there (e.g. after its agent was killed) go with it
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
     from discovery.host import netlink
     for bridge in netlink.list_bridges(prefix).values():

@@ -9,21 +9,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from discovery import __version__, log
+from discovery import __version__
 from discovery.errors import AgentUnavailableError, SvcnetError
-from discovery.host.nsexec import sandbox_argv
-from discovery.node.client import ApiClient
-from discovery.state.keys import KeyLayout
 
-# etcd's client (gRPC) and asyncio are imported where they are used: sandbox commands only
-# talk to the agent, and their start-up time is the user's wait.
+if TYPE_CHECKING:
+    from discovery.node.client import ApiClient
+
+# Everything else is imported where it is used: `svcnet --help` and `svcnet ps` are paid
+# for in start-up time, so they load the standard library's smallest parts and the API
+# client; etcd's client (gRPC), asyncio, pyroute2 and the registry load only for the
+# commands that need them.
 
 DEFAULT_STATE_DIR = "/var/lib/svcnet"
 
@@ -54,7 +54,7 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                        help="etcd endpoints (env SVCNET_ETCD); default: a local etcd under --state-dir")
     group.add_argument("--prefix", default=default(os.environ.get("SVCNET_PREFIX", "/svcnet")),
                        help="etcd key prefix (env SVCNET_PREFIX; default /svcnet)")
-    group.add_argument("--node", default=default(os.environ.get("SVCNET_NODE", socket.gethostname())),
+    group.add_argument("--node", default=default(os.environ.get("SVCNET_NODE", os.uname().nodename)),
                        help="this node's name (env SVCNET_NODE; default: the hostname)")
     group.add_argument("--state-dir", type=Path,
                        default=default(Path(os.environ.get("SVCNET_STATE_DIR", DEFAULT_STATE_DIR))),
@@ -293,6 +293,7 @@ def _with_registry(args, action):
     import asyncio
 
     from discovery.state.etcd import connect
+    from discovery.state.keys import KeyLayout
     from discovery.state.registry import Registry
 
     async def run():
@@ -304,14 +305,21 @@ def _with_registry(args, action):
     return asyncio.run(run())
 
 
+def _prefix(text: str) -> str:
+    """The key prefix as the registry spells it (one leading slash, none trailing)."""
+    return "/" + text.strip("/")
+
+
 def _agent(args) -> ApiClient:
     """A client for the local agent, starting the agent if none runs on this state dir."""
+    from discovery.node.client import ApiClient
+
     client = ApiClient(args.state_dir / "agent.sock")
     try:
         info = client.call("GET", "/v1/info")
     except AgentUnavailableError:
         info = _start_agent(args, client)
-    expected = KeyLayout(args.prefix).prefix
+    expected = _prefix(args.prefix)
     if info["prefix"] != expected:
         raise SvcnetError(
             f"the agent at {client.socket_path} serves prefix {info['prefix']}, not {expected}; "
@@ -349,6 +357,8 @@ def _start_agent(args, client: ApiClient, timeout: float = 30.0) -> dict:
     if holder is None:
         argv = [sys.executable, "-m", "discovery.cli", "--etcd", _etcd_url(args), "--prefix", args.prefix,
                 "--node", args.node, "--state-dir", str(args.state_dir), "--log-level", "info", "agent"]
+        import subprocess
+
         with open(log_path, "ab") as output:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
                                        start_new_session=True)
@@ -529,6 +539,11 @@ def cmd_run(args) -> int:
 
 def _run_foreground(agent: ApiClient, record: dict, command: list[str]) -> int:
     """Run COMMAND in the sandbox with our terminal; remove the sandbox when it exits."""
+    import signal
+    import subprocess
+
+    from discovery.host.nsexec import sandbox_argv
+
     process = subprocess.Popen(sandbox_argv(record, command))
     forward = lambda signum, frame: process.send_signal(signum)  # noqa: E731
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -552,6 +567,8 @@ def cmd_exec(args) -> int:
     if not command:
         raise SvcnetError("give a COMMAND after --, e.g. svcnet exec NAME -- ip addr")
     record = _agent(args).call("GET", f"/v1/sandboxes/{args.name}")
+    from discovery.host.nsexec import sandbox_argv
+
     argv = sandbox_argv(record, command)
     os.execvp(argv[0], argv)
     return 127  # not reached
@@ -589,7 +606,7 @@ def _node_options(args):
     from discovery.node.runtime import NodeOptions
 
     return NodeOptions(
-        _etcd_url(args), KeyLayout(args.prefix).prefix, args.node, args.state_dir, args.lease_ttl,
+        _etcd_url(args), _prefix(args.prefix), args.node, args.state_dir, args.lease_ttl,
         resolver=_resolver_config(args), metrics_addr=_metrics_address(args),
         metrics_addr_explicit=args.metrics_addr not in (DEFAULT_METRICS_ADDR, ""),
         lb_backend=args.lb_backend, drain_grace=args.drain_grace,
@@ -618,7 +635,10 @@ def cmd_sidecar(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    log.setup(args.log_level)
+    if args.func not in (cmd_ps, cmd_rm, cmd_exec):  # agent-only commands print, they do not log
+        from discovery import log
+
+        log.setup(args.log_level)
     if os.geteuid() != 0 and args.func not in (cmd_network_ls, cmd_service_ls):
         print("svcnet: warning: not running as root; network namespaces and bridges need root", file=sys.stderr)
     try:
