@@ -192,6 +192,12 @@ class SnapshotWriter:
             await asyncio.sleep(SNAPSHOT_EVERY)
 
 
+def _load_lb(choice: str, drain_grace: float):
+    from lb.sync import LbSync, make_backend
+
+    return LbSync, make_backend(choice, drain_grace)
+
+
 class _LbPending:
     """Stands in for the load balancer during the first moments of start-up."""
 
@@ -250,9 +256,10 @@ class NodeRuntime:
         self.sandboxes.load()
         for record in list(self.sandboxes.records.values()):
             await self._serve_dns(record)
-        from lb.sync import LbSync, make_backend
-
-        self.lb = LbSync(make_backend(options.lb_backend, options.drain_grace), self.metrics)
+        # loaded on a worker thread: the loop answers DNS meanwhile (the import and the IPVS
+        # probe take ~0.5 s here)
+        lb_sync, backend = await asyncio.to_thread(_load_lb, options.lb_backend, options.drain_grace)
+        self.lb = lb_sync(backend, self.metrics)
         self.watcher.subscribe(self.lb.on_view)
         if self.watcher.view.revision:
             self.lb.on_view(self.watcher.view)
