@@ -112,7 +112,8 @@ def test_killed_agent_answers_dns_within_a_second_of_restart(own_cli, own_etcd, 
         gap = time.monotonic() - started
         assert dig_short(cli, client, web) != []
         assert gap <= 1.0, f"DNS answered {gap:.2f}s after the agent started (etcd {etcd_state})"
-        info = cli.info()  # the API socket is open too
+        wait_until(lambda: _info_or_none(cli) is not None, 2, "API socket open")  # after the LB loads
+        info = cli.info()
         assert info["pid"] == process.pid
         if etcd_state == "down":
             assert info["etcd_connected"] is False and info["ready"] is False
