@@ -41,6 +41,12 @@ LISTEN_ADDRESS = "127.0.0.11"
 LISTEN_PORT = 53
 CACHE_LIMIT = 8192  # memoized replies per sandbox and transport; a flood of random names clears it
 TCP_MAX = 65535
+# Replies queued for one TCP client beyond what its socket took. asyncio's transport buffers
+# whatever is written without limit, so a client that pipelines queries but never reads its
+# replies would grow it (and this process) for ever; past this it is closed as a slow reader.
+# Well above the transport's pause threshold (64 KiB), so a client that reads, slowly, is
+# only held back (we stop reading its queries), and a burst of replies to one read fits.
+TCP_WRITE_BUFFER_LIMIT = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class Resolver:
                                                 "Queries REFUSED because a sandbox had too many forwards in flight.")
         self.tcp_timeouts = metrics.counter("svcnet_dns_tcp_idle_timeouts_total",
                                             "TCP clients closed for sending nothing in time.")
+        self.tcp_slow_readers = metrics.counter("svcnet_dns_tcp_slow_readers_closed_total",
+                                                "TCP clients closed for not reading their replies.")
         metrics.gauge("svcnet_view_revision", "etcd revision of the View answers are built from.",
                       lambda: self.view.revision)
         metrics.gauge("svcnet_view_age_seconds", "Seconds since the View last changed.",
@@ -244,6 +252,11 @@ class TcpConnection(asyncio.Protocol):
     The idle timer starts at connect and restarts only on a whole message or a reply sent,
     so a client that sends nothing, or half a length prefix, is closed without holding up
     anyone else.
+
+    Flow control: while the transport says its write buffer is full (``pause_writing``) we
+    stop reading the client's queries. A client that does not read its replies is closed
+    (aborted: a close would wait for a flush that never comes) when the buffer passes
+    :data:`TCP_WRITE_BUFFER_LIMIT`, or when the idle timer runs out while still paused.
     """
 
     def __init__(self, resolver: Resolver, scope: Scope, connections: set | None = None) -> None:
@@ -253,7 +266,9 @@ class TcpConnection(asyncio.Protocol):
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.active = 0.0  # loop time of the last whole message or reply
         self.counted = False
+        self.writing_paused = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -272,18 +287,48 @@ class TcpConnection(asyncio.Protocol):
             self.transport.close()
 
     def _arm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(self.resolver.config.tcp_idle_timeout, self._idle)
+        # One timer per connection, moved on when it fires: a new timer per message would
+        # make a pipelined burst allocate (and the loop sift) thousands of handles per read.
+        loop = asyncio.get_running_loop()
+        self.active = loop.time()
+        if self.timer is None:
+            self.timer = loop.call_at(self.active + self.resolver.config.tcp_idle_timeout, self._idle)
 
     def _idle(self) -> None:
+        self.timer = None
+        if self.transport is None:
+            return
+        due = self.active + self.resolver.config.tcp_idle_timeout
+        if asyncio.get_running_loop().time() < due:
+            self.timer = asyncio.get_running_loop().call_at(due, self._idle)
+            return
+        if self.writing_paused:  # replies, not queries, are what it has not taken in time
+            self._drop_slow_reader()
+            return
         self.resolver.tcp_timeouts.inc()
+        self.transport.close()
+
+    def _drop_slow_reader(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.resolver.tcp_slow_readers.inc()
+        log.warning("tcp client does not read its replies, closing sandbox=%s buffered=%d",
+                    self.scope.name, self.transport.get_write_buffer_size())
+        self.transport.abort()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
         if self.transport is not None:
-            self.transport.close()
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while len(self.buffer) >= 2:
+        while len(self.buffer) >= 2 and self.transport is not None and not self.transport.is_closing():
             length = (self.buffer[0] << 8) | self.buffer[1]
             if len(self.buffer) < 2 + length:
                 break
@@ -300,6 +345,9 @@ class TcpConnection(asyncio.Protocol):
     def _send(self, reply: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(struct.pack("!H", len(reply)) + reply)
+            if self.transport.get_write_buffer_size() > TCP_WRITE_BUFFER_LIMIT:
+                self._drop_slow_reader()
+                return
             self._arm()
 
     def connection_lost(self, exc) -> None:

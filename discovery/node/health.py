@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable
 
 from discovery.state.model import HealthSpec
@@ -80,6 +82,12 @@ class HealthChecker:
 
 
 async def check_once(argv: list[str], interval: float) -> bool:
+    """Run one check; it passes if it exits 0 within the interval (at least 1 s).
+
+    The check runs in a session of its own, so one that is too slow (or whose task is
+    cancelled) is killed with its whole process group: killing only the shell would leave
+    what it started (``sh -c 'sleep 1000 & sleep 1000'``) running, one more per interval.
+    """
     process = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
@@ -87,6 +95,15 @@ async def check_once(argv: list[str], interval: float) -> bool:
     try:
         return await asyncio.wait_for(process.wait(), max(interval, 1.0)) == 0
     except TimeoutError:
-        process.kill()
-        await process.wait()
         return False
+    finally:
+        if process.returncode is None:
+            _kill_group(process.pid)
+            await process.wait()
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # all gone already
+        pass

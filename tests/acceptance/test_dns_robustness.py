@@ -159,6 +159,63 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS:")).split()[1])
+
+
+def _metric(metrics: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", metrics, re.M)
+    assert found, f"{name} not in the metrics"
+    return float(found.group(1))
+
+
+def test_a_pipelining_client_that_never_reads_is_closed_and_memory_stays_bounded(cli):
+    _, client = _sandbox(cli, "10.95.0.0/24")
+    assert cli.short(client, client), "the sandbox is answered before"
+    pid = cli.info()["pid"]
+    rss_before = _rss_kib(pid)
+    query = DNSRecord.question(client).pack()
+    burst = (struct.pack("!H", len(query)) + query) * 2000
+    hog = _socket_in(cli, client, socket.SOCK_STREAM)
+    try:
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        hog.settimeout(0.5)
+        hog.connect(RESOLVER)
+        started, sent, closed_by = time.monotonic(), 0, None
+        while closed_by is None and time.monotonic() - started < 30:
+            try:
+                sent += hog.send(burst)  # never reads a reply
+            except TimeoutError:
+                continue  # the server stopped reading: keep pushing until it gives up on us
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                closed_by = type(exc).__name__
+        if closed_by is None:  # the write did not fail yet; the close may still be under the replies
+            hog.settimeout(5)
+            try:
+                while hog.recv(65536):
+                    pass
+                closed_by = "eof"
+            except ConnectionResetError:
+                closed_by = "reset"
+            except TimeoutError:
+                pass
+        elapsed = time.monotonic() - started
+        assert closed_by is not None, f"the server kept a client that never reads for {elapsed:.0f}s"
+        assert elapsed < 20, f"closed only after {elapsed:.1f}s"
+        assert sent // len(query) > 5000, "many thousands of queries were pipelined"
+    finally:
+        hog.close()
+    grown_mib = (_rss_kib(pid) - rss_before) / 1024
+    assert grown_mib < 50, f"the agent grew by {grown_mib:.0f} MiB"
+    # the others are still served, over TCP and UDP
+    output = cli.ns_dig(client, "+tcp", client).communicate(timeout=10)[0]
+    assert _status(output) == "NOERROR", output
+    assert cli.short(client, client), "and over UDP"
+    assert _metric(cli.metrics(), "svcnet_dns_tcp_slow_readers_closed_total") >= 1
+    assert cli.info()["pid"] == pid, "the agent survived"
+
+
 def test_one_agent_serves_50_sandboxes_each_with_its_own_scope(cli):
     from discovery.node.client import ApiClient
     networks = [cli.name(f"n{i}") for i in range(5)]
