@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from discovery.state.view import View
+from discovery.state.view import NetworkSlice, View
 
 
 @dataclass(frozen=True, order=True)
@@ -42,18 +42,36 @@ Plan = Mapping[IPv4Address, VipPlan]
 def network_plans(view: View) -> dict[str, dict[IPv4Address, VipPlan]]:
     """Every network's VIPs with their healthy backends: computed once per View, shared by
     every sandbox (a sandbox's plan is the union over the networks it is attached to)."""
-    healthy: dict[tuple[str, str], list[IPv4Address]] = {}
-    for endpoint in view.endpoints.values():
+    return PlanCache().network_plans(view)
+
+
+class PlanCache:
+    """``network_plans`` for a stream of Views: a network whose View slice is unchanged
+    (the same object) keeps the plans computed for it, so a change costs its network only."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, tuple[NetworkSlice, dict[IPv4Address, VipPlan]]] = {}
+
+    def network_plans(self, view: View) -> dict[str, dict[IPv4Address, VipPlan]]:
+        built = {}
+        for name, piece in view.slices.items():
+            done = self._built.get(name)
+            built[name] = done if done is not None and done[0] is piece else (piece, _plans_on(piece))
+        self._built = built
+        return {name: plans for name, (_, plans) in built.items() if plans}
+
+
+def _plans_on(piece: NetworkSlice) -> dict[IPv4Address, VipPlan]:
+    healthy: dict[str, list[IPv4Address]] = {}
+    for endpoint in piece.endpoints.values():
         if endpoint.service and endpoint.health == "healthy":
-            healthy.setdefault((endpoint.service, endpoint.network), []).append(endpoint.ipv4)
-    by_network: dict[str, dict[IPv4Address, VipPlan]] = {}
-    for service in view.services.values():
-        if service.endpoint_mode != "vip":
-            continue
-        for network, vip in service.vips.items():
-            backends = tuple(sorted(healthy.get((service.name, network), ())))
-            by_network.setdefault(network, {})[vip] = VipPlan(vip, service.name, network, backends)
-    return by_network
+            healthy.setdefault(endpoint.service, []).append(endpoint.ipv4)
+    plans = {}
+    for service in piece.services.values():
+        vip = service.vips.get(piece.name)
+        if service.endpoint_mode == "vip" and vip is not None:
+            plans[vip] = VipPlan(vip, service.name, piece.name, tuple(sorted(healthy.get(service.name, ()))))
+    return plans
 
 
 def plan_for(view: View, attached: Sequence[str],

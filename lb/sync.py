@@ -21,7 +21,7 @@ from discovery.state.view import View
 from .conntrack import forget_udp_flows
 from .iptables import IptablesBackend
 from .ipvs import IpvsBackend, ipvs_available
-from .plan import Plan, diff, network_plans, plan_for, rule_count
+from .plan import Plan, PlanCache, diff, plan_for, rule_count
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class LbSync:
         self.backend = backend
         self.view = View()
         self.sandboxes: dict[str, _Sandbox] = {}
+        self._plans = PlanCache()
         self._dirty = asyncio.Event()
         self._synced = asyncio.Condition()
         self._conntrack_warned = False
@@ -139,7 +140,7 @@ class LbSync:
     async def sync_all(self) -> None:
         view = self.view
         now = time.monotonic()
-        by_network = network_plans(view)
+        by_network = self._plans.network_plans(view)
         for name, sandbox in list(self.sandboxes.items()):
             desired = plan_for(view, sandbox.attached, by_network)
             drain_due = sandbox.deadline is not None and sandbox.deadline <= now

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from discovery.state.model import Endpoint, Service
-from discovery.state.view import View
+from discovery.state.view import NetworkSlice, View
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -55,14 +55,15 @@ class NetworkRecords:
     network: str
     names: dict[str, NameRecord] = field(default_factory=dict)
     services: dict[str, ServiceRecord] = field(default_factory=dict)
+    # reverse name ("3.0.10.10.in-addr.arpa") -> "<name>.<network>."
+    pointers: dict[str, str] = field(default_factory=dict)
+    source: NetworkSlice | None = None  # the View's slice these were built from
 
 
 @dataclass(frozen=True)
 class Records:
     revision: int
     networks: dict[str, NetworkRecords]
-    # reverse name ("3.0.10.10.in-addr.arpa") -> (network, "<name>.<network>.")
-    pointers: dict[str, tuple[str, str]]
 
     def lookup(self, attached: Sequence[str], qname: str) -> NameRecord | None:
         """Resolve ``qname`` (lower-case, no trailing dot) for a sandbox on ``attached``."""
@@ -86,56 +87,57 @@ class Records:
         return None
 
     def pointer(self, attached: Sequence[str], reverse_name: str) -> str | None:
-        found = self.pointers.get(reverse_name)
-        if found is not None and found[0] in attached:
-            return found[1]
+        for network in attached:
+            table = self.networks.get(network)
+            if table is not None and reverse_name in table.pointers:
+                return table.pointers[reverse_name]
         return None
 
 
-def build(view: View) -> Records:
-    by_network: dict[str, dict[str, NameRecord]] = {name: {} for name in view.networks}
-    services_by_network: dict[str, dict[str, ServiceRecord]] = {}
-    pointers: dict[str, tuple[str, str]] = {}
-    endpoints_by_network: dict[str, list[Endpoint]] = {}
-    healthy_tasks: dict[tuple[str, str], list[Endpoint]] = {}  # (service, network) -> tasks
-    for endpoint in view.endpoints.values():
-        endpoints_by_network.setdefault(endpoint.network, []).append(endpoint)
+def build(view: View, previous: Records | None = None) -> Records:
+    """The name tables of ``view``; a network whose slice is the one ``previous`` was built
+    from keeps its tables (so a change costs the networks it touched, not the registry)."""
+    networks = {}
+    for name, piece in view.slices.items():
+        done = previous.networks.get(name) if previous is not None else None
+        networks[name] = done if done is not None and done.source is piece else _network_records(piece)
+    return Records(revision=view.revision, networks=networks)
+
+
+def _network_records(piece: NetworkSlice) -> NetworkRecords:
+    network = piece.name
+    names: dict[str, NameRecord] = {}
+    services: dict[str, ServiceRecord] = {}
+    pointers: dict[str, str] = {}
+    healthy_tasks: dict[str, list[Endpoint]] = {}  # service -> its healthy tasks here, by container
+    for container in sorted(piece.endpoints):
+        endpoint = piece.endpoints[container]
         if endpoint.service and endpoint.health == "healthy":
-            healthy_tasks.setdefault((endpoint.service, endpoint.network), []).append(endpoint)
+            healthy_tasks.setdefault(endpoint.service, []).append(endpoint)
+        record = _endpoint_record(endpoint)
+        for name in endpoint.dns_names():
+            names.setdefault(name, record)
+        for address in filter(None, (endpoint.ipv4, endpoint.ipv6)):
+            pointers[address.reverse_pointer] = f"{endpoint.container}.{network}."
 
-    for network, endpoints in endpoints_by_network.items():
-        names = by_network.setdefault(network, {})
-        for endpoint in sorted(endpoints, key=lambda e: e.container):
-            record = _endpoint_record(endpoint)
-            for name in endpoint.dns_names():
-                names.setdefault(name, record)
-            for address in filter(None, (endpoint.ipv4, endpoint.ipv6)):
-                pointers[address.reverse_pointer] = (network, f"{endpoint.container}.{network}.")
-
-    for service in view.services.values():
-        for network in service.networks:
-            names = by_network.setdefault(network, {})
-            on_network = sorted(healthy_tasks.get((service.name, network), ()), key=lambda e: e.container)
-            task_record = NameRecord(
-                tuple(t.ipv4 for t in on_network), tuple(t.ipv6 for t in on_network if t.ipv6),
-                shuffle=True, ttl_class="tasks",
-            )
-            names[f"tasks.{service.name}"] = task_record
-            record = _service_record(service, network, task_record)
-            srv = _srv_record(service, network, record, on_network)
-            for name in service.dns_names():
-                names[name] = record
-                services_by_network.setdefault(network, {})[name] = srv
-            vip = service.vips.get(network)
-            if vip is not None:
-                pointers[vip.reverse_pointer] = (network, f"{service.name}.{network}.")
-
-    return Records(
-        revision=view.revision,
-        networks={net: NetworkRecords(net, names, services_by_network.get(net, {}))
-                  for net, names in by_network.items()},
-        pointers=pointers,
-    )
+    for service in piece.services.values():
+        if network not in service.networks:
+            continue  # holds a VIP here only: nothing to answer until it is attached
+        on_network = healthy_tasks.get(service.name, [])
+        task_record = NameRecord(
+            tuple(t.ipv4 for t in on_network), tuple(t.ipv6 for t in on_network if t.ipv6),
+            shuffle=True, ttl_class="tasks",
+        )
+        names[f"tasks.{service.name}"] = task_record
+        record = _service_record(service, network, task_record)
+        srv = _srv_record(service, network, record, on_network)
+        for name in service.dns_names():
+            names[name] = record
+            services[name] = srv
+        vip = service.vips.get(network)
+        if vip is not None:
+            pointers[vip.reverse_pointer] = f"{service.name}.{network}."
+    return NetworkRecords(network, names, services, pointers, piece)
 
 
 def _endpoint_record(endpoint: Endpoint) -> NameRecord:

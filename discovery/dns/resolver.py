@@ -115,7 +115,7 @@ class Resolver:
     def update(self, view: View) -> None:
         """Rebuild the answer tables for a new View and forget every memoized reply."""
         started = time.perf_counter()
-        self.answers = Answers(records_mod.build(view), self.config.ttls)
+        self.answers = Answers(records_mod.build(view, self.answers.records), self.config.ttls)
         self.view = view
         self.view_updated = time.monotonic()
         for scope in self.scopes:

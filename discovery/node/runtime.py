@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 LEASE_WAIT = 10.0  # seconds an API call that needs etcd waits for a lease before 503
 EXIT_POLL = 0.1  # seconds between checks for ended commands (a task leaves answers within 1 s)
 SNAPSHOT_EVERY = 1.0  # at most one View snapshot written per second
+FIRST_LIST_HOLD = 2.0  # seconds the first listing waits for this node's endpoints to be re-registered
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ class SnapshotWriter:
         self.written_revision = -1
         self._latest: View | None = None
         self._dirty = asyncio.Event()
+        self._encoder = snapshot.Encoder()
 
     def on_view(self, view: View) -> None:
         self._latest = view
@@ -185,7 +187,7 @@ class SnapshotWriter:
             view = self._latest
             if view is not None and view.revision != self.written_revision:
                 try:
-                    await asyncio.to_thread(snapshot.save, view, self.keys, self.path)
+                    await asyncio.to_thread(snapshot.save, view, self.keys, self.path, self._encoder)
                     self.written_revision = view.revision
                 except OSError as exc:
                     log.warning("cannot save the view snapshot path=%s error=%s", self.path, exc)
@@ -243,6 +245,7 @@ class NodeRuntime:
         self.health = HealthChecker(self._report_health)
         self.sandboxes = SandboxManager(self.registry, keys.prefix, options.node, self.source.home)
         self.lease = LeaseKeeper(self.client, options.lease_ttl, self._on_new_lease)
+        self.watcher.hold_first_list(self.lease.reasserted.wait, FIRST_LIST_HOLD)
         self.snapshots = SnapshotWriter(keys, self.source.home / "view.json")
         for subscriber in (self.resolver.update, self.snapshots.on_view):
             self.watcher.subscribe(subscriber)

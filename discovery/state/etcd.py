@@ -15,6 +15,7 @@ import socket
 from urllib.parse import urlsplit
 
 import aetcd
+import grpc
 
 from discovery.errors import EtcdUnavailableError, ValidationError
 
@@ -49,19 +50,44 @@ def parse_endpoints(text: str) -> list[tuple[str, int]]:
 
 
 # gRPC's default reconnect backoff grows to 120 s; a registry client wants to be back
-# within seconds of etcd returning. Keepalives find a dead peer that sent no RST.
-# min_reconnect_backoff is also gRPC's *connect timeout*: too small and a slow machine (or
-# a VM under emulation) never finishes the HTTP/2 handshake.
-# min_reconnect_backoff must stay below max_reconnect_backoff: the retry wait grows from
-# the first towards the second, and a node is back within ~2 s of etcd returning.
+# within a second or so of etcd returning: the channel's own reconnect attempts start at
+# 100 ms and grow to at most 1 s (plus gRPC's 20 % jitter), and ``retry_pause`` wakes our
+# retry loops as soon as the channel is connected again. Keepalives find a dead peer that
+# sent no RST. min_reconnect_backoff is gRPC's *connect timeout*, not a wait: too small and
+# a slow machine (or a VM under emulation) never finishes the HTTP/2 handshake.
 CHANNEL_OPTIONS = {
     "grpc.initial_reconnect_backoff_ms": 100,
     "grpc.min_reconnect_backoff_ms": 1000,
-    "grpc.max_reconnect_backoff_ms": 2000,
+    "grpc.max_reconnect_backoff_ms": 1000,
     "grpc.keepalive_time_ms": 10000,
     "grpc.keepalive_timeout_ms": 5000,
     "grpc.lb_policy_name": "round_robin",
 }
+
+
+async def retry_pause(client: aetcd.Client, seconds: float) -> None:
+    """Wait ``seconds`` before retrying a failed etcd call, or less: return as soon as the
+    client's channel comes back to READY, so a node is back as soon as etcd is, whatever
+    its backoff had grown to. A channel that is READY already (the error was not about the
+    connection) gives no shortcut: the full wait, so a failing call never spins."""
+    channel = client.channel
+    if channel is None:
+        await asyncio.sleep(seconds)
+        return
+    state = channel.get_state(try_to_connect=True)
+    if state == grpc.ChannelConnectivity.READY:
+        await asyncio.sleep(seconds)
+        return
+
+    async def until_ready() -> None:
+        nonlocal state
+        while state != grpc.ChannelConnectivity.READY:
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=True)
+    try:
+        await asyncio.wait_for(until_ready(), seconds)
+    except TimeoutError:
+        pass
 
 
 def default_timeout() -> float:

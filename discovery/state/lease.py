@@ -21,7 +21,7 @@ import aetcd
 
 from discovery.errors import EtcdUnavailableError
 
-from .etcd import TRANSIENT_ERRORS
+from .etcd import TRANSIENT_ERRORS, retry_pause
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class LeaseKeeper:
                 except TRANSIENT_ERRORS as exc:
                     log.warning("lease keepalive failed lease=%s retry_in=%.1fs error=%s",
                                 _hex(self.lease_id), backoff, type(exc).__name__)
-                    await asyncio.sleep(backoff)
+                    await retry_pause(self.client, backoff)
                     backoff = min(backoff * 2, self.max_backoff)
                     continue
                 except aetcd.exceptions.ClientError as exc:  # e.g. "requested lease not found"
@@ -116,7 +116,7 @@ class LeaseKeeper:
             except TRANSIENT_ERRORS as exc:
                 log.warning("re-asserting keys failed, retrying lease=%x retry_in=%.1fs error=%s",
                             lease, delay, type(exc).__name__)
-                await asyncio.sleep(delay)
+                await retry_pause(self.client, delay)
                 delay = min(delay * 2, self.max_backoff)
                 continue
             except Exception:

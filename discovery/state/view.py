@@ -3,6 +3,12 @@
 Consumers (DNS tables, the LB plan, the agent's bridge sync) read only the View; nothing
 on a hot path reads etcd. A new View is built by applying a batch of key changes to the
 old one, so unchanged objects are shared between snapshots.
+
+The View also holds one :class:`NetworkSlice` per network: its services and endpoints. A
+new View shares every slice whose network the batch did not touch, so a consumer that
+works per network (name tables, VIP plans) keeps what it built for an unchanged slice,
+found by identity: a change to one task on one network costs that network, not the
+registry (10,000 services took ~150 ms per View to rebuild in full).
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ from .model import Endpoint, Network, Node, Service
 log = logging.getLogger(__name__)
 
 
-
 def _empty() -> Mapping:
     return MappingProxyType({})
+
 
 # kind in the key layout -> (model type, number of key parts after the kind)
 _DECODERS = {
@@ -43,6 +49,22 @@ class Change:
     value: bytes | None
 
 
+@dataclass(frozen=True, eq=False)
+class NetworkSlice:
+    """One network's share of a View: the objects a per-network consumer reads.
+
+    Compared by identity: an equal slice in a later View is the *same* object."""
+
+    name: str
+    network: Network | None  # None while services or endpoints name a network not (yet) created
+    services: Mapping[str, Service]  # services on this network (in ``networks`` or holding a VIP here)
+    endpoints: Mapping[str, Endpoint]  # container -> its endpoint on this network
+
+
+def _service_networks(service: Service | None) -> set[str]:
+    return set(service.networks) | set(service.vips) if service is not None else set()
+
+
 @dataclass(frozen=True)
 class View:
     revision: int = 0
@@ -50,6 +72,7 @@ class View:
     services: Mapping[str, Service] = field(default_factory=_empty)
     endpoints: Mapping[tuple[str, str], Endpoint] = field(default_factory=_empty)
     nodes: Mapping[str, Node] = field(default_factory=_empty)
+    slices: Mapping[str, NetworkSlice] = field(default_factory=_empty)
     created_at: float = field(default_factory=time.monotonic, compare=False)
 
     def endpoints_on(self, network: str) -> list[Endpoint]:
@@ -65,6 +88,10 @@ class View:
         }
         current = {"networks": self.networks, "services": self.services,
                    "endpoints": self.endpoints, "nodes": self.nodes}
+        # network -> {service or container: new object or None}, in change order
+        service_moves: dict[str, dict[str, Service | None]] = {}
+        endpoint_moves: dict[str, dict[str, Endpoint | None]] = {}
+        touched: set[str] = set()
         for change in changes:
             split = keys.split(change.key)
             if split is None or split[0] not in _DECODERS:
@@ -79,23 +106,67 @@ class View:
             table = tables[kind]
             ident = parts if arity > 1 else parts[0]
             if change.value is None:
-                table.pop(ident, None)
-                continue
-            obj = decode(model, change.key, change.value)
-            if obj is not None and _identity(obj) != ident:
-                _report_once(change, "skipping value whose name does not match its key")
                 obj = None
-            if obj is None:
-                # keep the last good version: one bad write must not delete a bridge, a
-                # sandbox's rules or anyone's names
-                continue
-            table[ident] = obj
+            else:
+                obj = decode(model, change.key, change.value)
+                if obj is not None and _identity(obj) != ident:
+                    _report_once(change, "skipping value whose name does not match its key")
+                    obj = None
+                if obj is None:
+                    # keep the last good version: one bad write must not delete a bridge, a
+                    # sandbox's rules or anyone's names
+                    continue
+            old = table.pop(ident, None) if obj is None else table.get(ident)
+            if obj is not None:
+                table[ident] = obj
+            if kind == "networks":
+                touched.add(ident)
+            elif kind == "services":
+                for network in _service_networks(old) - _service_networks(obj):
+                    service_moves.setdefault(network, {})[ident] = None
+                for network in _service_networks(obj):
+                    service_moves.setdefault(network, {})[ident] = obj
+            elif kind == "endpoints":
+                endpoint_moves.setdefault(ident[0], {})[ident[1]] = obj
         frozen = {k: MappingProxyType(v) if v is not None else current[k] for k, v in tables.items()}
-        return View(revision=revision, **frozen)
+        touched |= service_moves.keys() | endpoint_moves.keys()
+        slices = self.slices
+        if touched:
+            slices = dict(slices)
+            for network in touched:
+                _reslice(slices, network, frozen["networks"].get(network),
+                         service_moves.get(network, {}), endpoint_moves.get(network, {}))
+            slices = MappingProxyType(slices)
+        return View(revision=revision, slices=slices, **frozen)
 
     @classmethod
     def from_kvs(cls, kvs: Iterable[tuple[bytes, bytes]], revision: int, keys: KeyLayout) -> View:
         return cls().apply((Change(k, v) for k, v in kvs), revision, keys)
+
+
+def _reslice(slices: dict[str, NetworkSlice], name: str, network: Network | None,
+             service_moves: Mapping[str, Service | None], endpoint_moves: Mapping[str, Endpoint | None]) -> None:
+    """Replace network ``name``'s slice with one that has the moves applied (or drop it when
+    nothing is left on it)."""
+    old = slices.get(name)
+    services = _moved(old.services if old else {}, service_moves)
+    endpoints = _moved(old.endpoints if old else {}, endpoint_moves)
+    if network is None and not services and not endpoints:
+        slices.pop(name, None)
+    else:
+        slices[name] = NetworkSlice(name, network, services, endpoints)
+
+
+def _moved(table: Mapping, moves: Mapping) -> Mapping:
+    if not moves:
+        return table
+    result = dict(table)
+    for ident, obj in moves.items():
+        if obj is None:
+            result.pop(ident, None)
+        else:
+            result[ident] = obj
+    return MappingProxyType(result)
 
 
 def decode(model, key: bytes, raw: bytes):

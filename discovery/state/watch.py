@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import aetcd
 
-from .etcd import TRANSIENT_ERRORS
+from .etcd import TRANSIENT_ERRORS, retry_pause
 from .keys import KeyLayout
 from .view import Change, View
 
@@ -45,6 +45,16 @@ class ViewWatcher:
         self._subscribers: list[Subscriber] = []
         self._changed = asyncio.Condition()
         self._ready = asyncio.Event()
+        self._hold: Callable[[], Awaitable[object]] | None = None
+        self._hold_timeout = 0.0
+
+    def hold_first_list(self, until: Callable[[], Awaitable[object]], timeout: float) -> None:
+        """Before the first listing, wait (at most ``timeout`` s per try) for ``until()``.
+
+        A node restarted after its lease ran out would otherwise list a registry without
+        its own endpoints and, for the moment until it has written them again, take its own
+        tasks out of every answer and VIP: it waits for its re-registration instead."""
+        self._hold, self._hold_timeout = until, timeout
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Call ``subscriber(view)`` after every new View (sync or async callables)."""
@@ -78,6 +88,11 @@ class ViewWatcher:
         while True:
             try:
                 if need_list:
+                    if self._hold is not None and not self.listed:
+                        try:
+                            await asyncio.wait_for(self._hold(), self._hold_timeout)
+                        except TimeoutError:
+                            log.info("listing the registry before this node re-registered its endpoints")
                     await self._list()
                     need_list = False
                 await self._watch()
@@ -92,7 +107,7 @@ class ViewWatcher:
                 self.reconnects += 1
                 log.warning("etcd unreachable, serving last view revision=%s retry_in=%.1fs error=%s",
                             self.view.revision, backoff, type(exc).__name__)
-                await asyncio.sleep(backoff)
+                await retry_pause(self.client, backoff)
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
             backoff = self.min_backoff

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from discovery.procs import pid_alive
+from discovery.state import snapshot
 from discovery.state.model import Network, Service
 from tests.helpers import Cli, TcpProxy, require_root, require_tools
 
@@ -142,7 +143,7 @@ def test_snapshot_on_disk_is_checked_before_use(own_cli, own_etcd):
     kill_agent(cli)
     path = cli.state_dir / "view.json"
     document = json.loads(path.read_text())
-    assert document["format"] == 1 and document["prefix"] == cli.prefix
+    assert document["format"] == snapshot.FORMAT and document["prefix"] == cli.prefix
     document["objects"][0][1]["subnet"] = "10.99.0.0/24"  # edited without its digest
     path.write_text(json.dumps(document))
     own_etcd.stop()
@@ -478,11 +479,11 @@ def _raw(cli: Cli, request: bytes) -> tuple[int, dict]:
     (b"POST /v1/sandboxes HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413, "over"),
 ])
 def test_malformed_api_requests_get_a_message_not_a_traceback(cli, request_bytes, status, message):
-    cli.start_agent()
+    agent = cli.start_agent()
     got, body = _raw(cli, request_bytes)
     assert got == status, body
     assert message in body["error"] and "Traceback" not in body["error"]
-    assert cli.info()["pid"] == cli.agent_pid()  # still serving
+    assert cli.info()["pid"] == agent.pid and agent.poll() is None  # the same agent, still serving
 
 
 # ---- etcd endpoints: failover ------------------------------------------------------------------
