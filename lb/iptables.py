@@ -8,11 +8,15 @@ Chains svcnet owns in the sandbox's netns (legacy tables, as python-iptables dri
                            (last rule unconditional), every rule commented
                            "svcnet <vip> <service>.<network> <signature>"
     filter OUTPUT -j SVCNET-VIP-REJECT
-    filter SVCNET-VIP-REJECT: -d VIP -p tcp -j REJECT --reject-with tcp-reset
-                              -d VIP -j REJECT  (icmp port unreachable)   for VIPs with no task
+    filter SVCNET-VIP-REJECT: -d VIP -p tcp --ctstate NEW -j REJECT --reject-with tcp-reset
+                              -d VIP --ctstate NEW -j REJECT  (icmp port unreachable)
+                              for VIPs with no task
 
 DNAT happens in nat OUTPUT, before filter OUTPUT sees the packet, so a reject rule only ever
-matches a VIP that has no task to go to. A change rewrites only the chains of the VIPs that
+matches a VIP that has no task to go to. Only *new* connections are refused: a connection
+already open to a task goes on while the VIP is briefly empty (an agent restarted after its
+lease ran out sees its tasks gone until it has registered them again, and a reject without
+``--ctstate NEW`` was seen here resetting such a connection). A change rewrites only the chains of the VIPs that
 changed; everything lands in one commit per table. The first sync of a netns reads the
 signatures back from the kernel, so a restarted agent rewrites nothing that is already right
 and removes chains of VIPs that no longer exist.
@@ -77,8 +81,10 @@ def dispatch_rule(plan: VipPlan) -> dict:
 
 def reject_rules(vip: IPv4Address) -> list[dict]:
     return [
-        {"dst": f"{vip}/32", "protocol": "tcp", "target": {"REJECT": {"reject-with": "tcp-reset"}}},
-        {"dst": f"{vip}/32", "target": {"REJECT": {"reject-with": "icmp-port-unreachable"}}},
+        {"dst": f"{vip}/32", "protocol": "tcp", "conntrack": {"ctstate": "NEW"},
+         "target": {"REJECT": {"reject-with": "tcp-reset"}}},
+        {"dst": f"{vip}/32", "conntrack": {"ctstate": "NEW"},
+         "target": {"REJECT": {"reject-with": "icmp-port-unreachable"}}},
     ]
 
 

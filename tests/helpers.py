@@ -146,6 +146,12 @@ class Cli:
                 time.sleep(0.1)
         raise AssertionError("agent did not start")
 
+    def registry_items(self) -> dict[str, bytes]:
+        """Every key of this run's prefix in etcd, with its value."""
+        async def read(client):
+            return {kv.key.decode(): kv.value for kv in await client.get_prefix(f"{self.prefix}/".encode())}
+        return self.with_etcd(read)
+
     def info(self) -> dict:
         from discovery.node.client import ApiClient
         return ApiClient(self.state_dir / "agent.sock").call("GET", "/v1/info")
@@ -222,3 +228,67 @@ def sweep(run_id: str, prefix: str, state_dir: Path | None = None) -> None:
     for bridge in netlink.list_bridges(prefix).values():
         netlink.remove_link(bridge.ifname)
     firewall.remove(prefix)
+
+
+def metric_value(text: str, name: str, default: float | None = None, **labels: str) -> float:
+    """The value of the sample ``name{labels}`` in Prometheus text (exactly those labels).
+
+    A metric's name is printed (in ``# HELP``) even when nothing was counted, so tests read
+    the number instead of looking for the name. No such sample: ``default`` if given, else
+    an AssertionError listing the samples of that name that there are.
+    """
+    import re
+
+    sample = re.compile(r'^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\d+)?$')
+    pair = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+    wanted = sorted(labels.items())
+    seen = []
+    for line in text.splitlines():
+        match = sample.match(line.strip())
+        if match is None or line.startswith("#") or match.group(1) != name:
+            continue
+        found = sorted((key, re.sub(r'\\(.)', lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), value))
+                       for key, value in pair.findall(match.group(2) or ""))
+        if found == wanted:
+            return float(match.group(3))
+        seen.append(line)
+    if default is not None:
+        return default
+    raise AssertionError(f"no sample {name}{dict(wanted) or ''} in the metrics; samples of {name}: {seen or 'none'}")
+
+
+def ipvs_table(netns: str) -> dict[int, dict[str, int]]:
+    """fwmark -> destination address -> weight, from `ipvsadm -Sn` inside ``netns``.
+
+    ipvsadm must be there and must succeed: an unreadable table is a failure, never an
+    empty one."""
+    ipvsadm = shutil.which("ipvsadm")
+    assert ipvsadm is not None, "the ipvs backend runs, but ipvsadm is missing: apt-get install ipvsadm"
+    result = subprocess.run(["nsenter", f"--net={netns}", ipvsadm, "-Sn"], capture_output=True, text=True)
+    assert result.returncode == 0, f"ipvsadm -Sn exited {result.returncode}: {result.stderr.strip()}"
+    table: dict[int, dict[str, int]] = {}
+    for line in result.stdout.splitlines():
+        words = line.split()
+        if "-f" not in words:
+            continue
+        mark = int(words[words.index("-f") + 1]) & 0xFFFFFFFF  # printed with %d: may be negative
+        dests = table.setdefault(mark, {})
+        if words[0] == "-a":
+            dests[words[words.index("-r") + 1].rsplit(":", 1)[0]] = int(words[words.index("-w") + 1])
+    return table
+
+
+def ipvs_sysctls(netns: str) -> dict[str, str]:
+    """The IPVS sysctls svcnet sets, as read inside ``netns``."""
+    names = ("conn_reuse_mode", "expire_nodest_conn", "expire_quiescent_template")
+    result = subprocess.run(["nsenter", f"--net={netns}", "sh", "-c",
+                             " ; ".join(f"cat /proc/sys/net/ipv4/vs/{name}" for name in names)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"cannot read the IPVS sysctls: {result.stderr.strip()}"
+    return dict(zip(names, result.stdout.split(), strict=True))
+
+
+def expected_lb_backend() -> str:
+    """What ``--lb-backend auto`` must pick here: SVCNET_EXPECT_LB_BACKEND if set (the IPVS
+    lane sets ipvs, so a silent fallback fails), else ipvs exactly when the kernel has it."""
+    return os.environ.get("SVCNET_EXPECT_LB_BACKEND") or ("ipvs" if Path("/proc/net/ip_vs").exists() else "iptables")

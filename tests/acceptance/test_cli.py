@@ -154,12 +154,6 @@ def test_attach_an_existing_namespace(cli):
         subprocess.run(["ip", "netns", "del", external])
 
 
-def _registry_items(cli) -> dict[str, bytes]:
-    async def read(client):
-        return {kv.key.decode(): kv.value for kv in await client.get_prefix(f"{cli.prefix}/".encode())}
-    return cli.with_etcd(read)
-
-
 def _wait_until(predicate, timeout: float, what: str) -> float:
     started = time.monotonic()
     while not predicate():
@@ -175,26 +169,26 @@ def test_agent_restart_reregisters_sandboxes_under_a_new_lease(cli):
     net, keep = cli.name("rs"), cli.name("keep")
     cli.run("network", "create", net, "--subnet", "10.68.0.0/24")
     cli.run("run", "-d", "--name", keep, "--network", net, "--", "sleep", "300")
-    before = _registry_items(cli)
+    before = cli.registry_items()
     endpoint = f"{cli.prefix}/endpoints/{net}/{keep}"
     assert endpoint in before
     command_pid = cli.json("ps")[0]["pid"]
     cli.stop_agent(signal.SIGKILL)
     first.wait(timeout=5)
     # the old lease runs out: nothing of the sandbox stays registered on its own
-    _wait_until(lambda: endpoint not in _registry_items(cli), 6, "endpoint gone with the dead agent's lease")
-    assert not [k for k in _registry_items(cli) if f"/{keep}" in k or "/ipam/" in k], "claims outlived the lease"
+    _wait_until(lambda: endpoint not in cli.registry_items(), 6, "endpoint gone with the dead agent's lease")
+    assert not [k for k in cli.registry_items() if f"/{keep}" in k or "/ipam/" in k], "claims outlived the lease"
     second = cli.start_agent("--lease-ttl", "2")
     assert second.pid != first.pid
     def sandbox_keys(items: dict[str, bytes]) -> dict[str, bytes]:
         return {k: v for k, v in items.items() if "/nodes/" not in k}  # a node's value carries its start time
     try:
-        _wait_until(lambda: sandbox_keys(_registry_items(cli)) == sandbox_keys(before), 3,
+        _wait_until(lambda: sandbox_keys(cli.registry_items()) == sandbox_keys(before), 3,
                     "the restarted agent re-registered every key")
     except AssertionError:
-        after = sandbox_keys(_registry_items(cli))
+        after = sandbox_keys(cli.registry_items())
         raise AssertionError(f"registry differs: before={sandbox_keys(before)} after={after}") from None
-    assert f"{cli.prefix}/nodes/node-{cli.run_id}" in _registry_items(cli)
+    assert f"{cli.prefix}/nodes/node-{cli.run_id}" in cli.registry_items()
     records = cli.json("ps")
     assert [(r["name"], r["status"], r["pid"]) for r in records] == [(keep, "running", command_pid)]
     info = cli.json("network", "inspect", net)

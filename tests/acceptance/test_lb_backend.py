@@ -1,14 +1,17 @@
 """Acceptance for a load-balancer backend alone: real traffic through the rules it writes.
 
 No etcd, no agent: a bridge, a client netns and five task netns made with `ip`, task
-servers as threads whose sockets live in the task netns, and the backend applying plans
-to the client netns. It runs with the backend SVCNET_LB_BACKEND names (default: what
-`auto` picks, iptables on this kernel); the IPVS lane (tests/vm/ipvs-lane.sh) runs it in a
-VM whose kernel has IPVS, where the full agent is too slow to start under emulation.
+servers as threads whose sockets live in the task netns, and the agent's own sync loop
+(``lb.sync.LbSync``) fed Views and programming the client netns. It runs with the backend
+SVCNET_LB_BACKEND names (default: what `auto` picks, iptables on this kernel); the IPVS lane
+(tests/vm/ipvs-lane.sh) runs it in a VM whose kernel has IPVS, where the full agent is too
+slow to start under emulation.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import secrets
 import socket
@@ -21,20 +24,38 @@ from ipaddress import IPv4Address
 import pytest
 
 from discovery.host import netlink
-from lb.conntrack import forget_udp_flows
-from lb.plan import VipPlan, diff
-from lb.sync import make_backend
-from tests.helpers import require_root, require_tools
+from discovery.metrics import Metrics
+from discovery.state.keys import KeyLayout
+from discovery.state.model import Endpoint, Network, Service
+from discovery.state.view import Change, View
+from lb.ipvs import marks
+from lb.plan import VipPlan
+from lb.sync import LbSync, make_backend
+from tests.helpers import expected_lb_backend, ipvs_table, metric_value, require_root, require_tools
+from tests.stats import assert_uniform
 from tests.taskserver import echo
 
 PORT = 8080
 SUBNET = "10.140.0"
+NETWORK = "front"
 VIP = IPv4Address(f"{SUBNET}.2")
 EMPTY_VIP = IPv4Address(f"{SUBNET}.3")
+DRAIN_GRACE = 1.0
+SANDBOX = "client"
+KEYS = KeyLayout("/svcnet-lbb")
+THREE_TASKS = 750  # connections: enough for the chi-square check to catch an uneven split (tests/stats.py)
+FIVE_TASKS = 500
 
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def _in_client(netns: str, *command: str) -> str:
+    """stdout of ``command`` in the client netns; its failure is the test's failure."""
+    result = subprocess.run(["nsenter", f"--net={netns}", *command], capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}: {result.stderr.strip()}"
+    return result.stdout
 
 
 class Topology:
@@ -112,16 +133,33 @@ class Topology:
             sock.sendto(b"?", (str(VIP), PORT))
             return sock.recv(64).decode()
 
-    def plan(self, *names: str) -> dict[IPv4Address, VipPlan]:
-        return {VIP: VipPlan(VIP, "web", "front", tuple(sorted(self.tasks[n] for n in names))),
-                EMPTY_VIP: VipPlan(EMPTY_VIP, "empty", "front", ())}
+    def view(self, revision: int, *names: str, unhealthy: tuple[str, ...] = (), empty: bool = True) -> View:
+        """A View as the watcher builds one (from key changes): the network, service ``web``
+        (VIP) with tasks ``names`` healthy and ``unhealthy`` not, and (``empty``) service
+        ``empty`` with none."""
+        services = [Service("web", (NETWORK,), vips={NETWORK: VIP})]
+        if empty:
+            services.append(Service("empty", (NETWORK,), vips={NETWORK: EMPTY_VIP}))
+        endpoints = [Endpoint(name, NETWORK, self.tasks[name], "node-lbb", service="web",
+                              health="unhealthy" if name in unhealthy else "healthy")
+                     for name in (*names, *unhealthy)]
+        changes = [Change(KEYS.network(NETWORK), _json(Network.create(NETWORK, f"{SUBNET}.0/24")))]
+        changes += [Change(KEYS.service(s.name), _json(s)) for s in services]
+        changes += [Change(KEYS.endpoint(NETWORK, e.container), _json(e)) for e in endpoints]
+        return View().apply(changes, revision, KEYS)
 
-    def rules(self) -> str:
-        text = subprocess.run(["nsenter", f"--net={self.client}", "iptables-legacy-save"], capture_output=True,
-                              text=True, check=True).stdout
+    def rules(self, backend: str) -> str:
+        """The client netns's iptables rules without counters, and with the ipvs backend its
+        IPVS table (`ipvsadm -Sn`), which must be readable: a failure is an AssertionError."""
+        text = _in_client(self.client, "iptables-legacy-save")
         lines = [line.split(" [")[0] for line in text.splitlines() if not line.startswith("#")]
-        ipvs = subprocess.run(["nsenter", f"--net={self.client}", "ipvsadm", "-Sn"], capture_output=True, text=True)
-        return "\n".join(lines) + (ipvs.stdout if ipvs.returncode == 0 else "")
+        if backend == "ipvs":
+            lines.append(_in_client(self.client, "ipvsadm", "-Sn"))
+        return "\n".join(lines)
+
+    def ipvs_dests(self) -> dict[int, dict[IPv4Address, int]]:
+        """fwmark -> destination -> weight, from `ipvsadm -Sn` in the client netns."""
+        return {mark: {IPv4Address(a): w for a, w in dests.items()} for mark, dests in ipvs_table(self.client).items()}
 
     def close(self) -> None:
         for sock in self.sockets:
@@ -129,6 +167,14 @@ class Topology:
         for name in ["client", *self.tasks]:
             subprocess.run(["ip", "netns", "del", f"{self.run_id}-{name}"], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj.to_dict()).encode()
+
+
+def _backend_choice() -> str:
+    return os.environ.get("SVCNET_LB_BACKEND", "auto")
 
 
 @pytest.fixture
@@ -140,23 +186,85 @@ def topology():
     world.close()
 
 
+class Synced:
+    """The agent's load-balancer loop, ``lb.sync.LbSync``, serving the client netns: its
+    ``run()`` on an event loop of its own thread, fed Views as the watcher would feed them."""
+
+    def __init__(self, topology: Topology, choice: str) -> None:
+        self.topology = topology
+        self.metrics = Metrics()
+        self.lb = LbSync(make_backend(choice, drain_grace=DRAIN_GRACE), self.metrics)
+        self.backend = self.lb.backend.name
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.revision = 0
+        self._call(self._add())
+        self.task = self._call(self._spawn())
+
+    async def _spawn(self) -> asyncio.Task:
+        return asyncio.create_task(self.lb.run())
+
+    async def _stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+    async def _add(self) -> None:
+        self.lb.add(SANDBOX, self.topology.client, [NETWORK])
+
+    def _call(self, coroutine, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def apply(self, *names: str, **kwargs) -> None:
+        """Publish a View with ``names`` as web's healthy tasks; return once the loop has
+        synced the client netns to it (``wait_synced``), failing on a sync error."""
+        self.revision += 1
+        view = self.topology.view(self.revision, *names, **kwargs)
+        errors = self.value("svcnet_lb_syncs_total", result="error")
+
+        async def publish() -> None:
+            self.lb.on_view(view)
+            await self.lb.wait_synced(SANDBOX, timeout=20)
+        try:
+            self._call(publish())
+        except TimeoutError:
+            pass  # reported below with what the loop knows
+        if self.task.done():
+            raise AssertionError(f"LbSync.run() ended: {self.task.exception()!r}")
+        assert self.value("svcnet_lb_syncs_total", result="error") == errors, "a sync failed (see the log)"
+        assert self.lb.sandboxes[SANDBOX].revision >= view.revision, "the sandbox never synced to the View"
+
+    def value(self, name: str, **labels: str) -> float:
+        return metric_value(self.metrics.render(), name, default=0.0, **labels)
+
+    def written(self) -> tuple[float, float, float]:
+        """(ok syncs, VIPs (re)programmed or removed, rules written) so far, from /metrics."""
+        return (self.value("svcnet_lb_syncs_total", result="ok"), self.value("svcnet_lb_services_written_total"),
+                self.value("svcnet_lb_rules_written_total"))
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self._call(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
 @pytest.fixture
-def backend():
-    return make_backend(os.environ.get("SVCNET_LB_BACKEND", "auto"), drain_grace=1.0)
+def start_lb(topology):
+    """``start_lb(choice=...)``: a fresh LbSync (a fresh agent, as after a restart)."""
+    started: list[Synced] = []
 
-
-class Applier:
-    """What the agent's sync loop does for one sandbox: sync, then forget stale UDP flows."""
-
-    def __init__(self, backend, netns: str) -> None:
-        self.backend, self.netns = backend, netns
-        self.kernel, self.plan = None, {}
-
-    def apply(self, plan) -> object:
-        self.kernel, result = self.backend.sync(self.netns, self.kernel, plan)
-        forget_udp_flows(self.netns, diff(self.plan, plan).lost_backends())
-        self.plan = plan
-        return result
+    def start(choice: str | None = None) -> Synced:
+        synced = Synced(topology, choice or _backend_choice())
+        if synced.backend == "ipvs":
+            ipvs_table(topology.client)  # ipvsadm is there and reads the table
+        started.append(synced)
+        return synced
+    yield start
+    for synced in started:
+        synced.close()
 
 
 def _wait(predicate, timeout: float) -> bool:
@@ -168,21 +276,33 @@ def _wait(predicate, timeout: float) -> bool:
     return predicate()
 
 
-def test_spreads_tcp_and_udp_and_follows_scaling(topology, backend):
-    applier = Applier(backend, topology.client)
-    applier.apply(topology.plan("t1", "t2", "t3"))
-    tcp = Counter(topology.tcp_name() for _ in range(300))
-    assert set(tcp) == {"t1", "t2", "t3"} and all(60 <= n <= 140 for n in tcp.values()), tcp
-    udp = Counter(topology.udp_name() for _ in range(300))
-    assert set(udp) == {"t1", "t2", "t3"} and all(60 <= n <= 140 for n in udp.values()), udp
-    applier.apply(topology.plan("t1", "t2", "t3", "t4", "t5"))
-    scaled = Counter(topology.tcp_name() for _ in range(500))
-    assert set(scaled) == set(topology.tasks) and all(50 <= n <= 150 for n in scaled.values()), scaled
+def test_spreads_tcp_and_udp_and_follows_scaling(topology, start_lb):
+    lb = start_lb()
+    if _backend_choice() == "auto":
+        assert lb.backend == expected_lb_backend(), "auto picks IPVS exactly when the kernel has it"
+    assert lb.value("svcnet_lb_backend_info", backend=lb.backend) == 1
+    lb.apply("t1", "t2", "t3", unhealthy=("t4",))
+    healthy = ["t1", "t2", "t3"]
+    assert_uniform(Counter(topology.tcp_name() for _ in range(THREE_TASKS)), healthy, "TCP over 3 tasks")
+    assert_uniform(Counter(topology.udp_name() for _ in range(THREE_TASKS)), healthy, "UDP over 3 tasks")
+    assert lb.value("svcnet_lb_vips") == 2, "web and empty are programmed"
+    lb.apply("t1", "t2", "t3", "t4", "t5")
+    assert_uniform(Counter(topology.tcp_name() for _ in range(FIVE_TASKS)), list(topology.tasks), "TCP over 5 tasks")
 
 
-def test_a_task_that_leaves_gets_nothing_new_its_tcp_finishes_its_udp_moves(topology, backend):
-    applier = Applier(backend, topology.client)
-    applier.apply(topology.plan("t1", "t2", "t3"))
+def _dests_of_t1(topology: Topology) -> tuple[int | None, int | None]:
+    """t1's weight in the VIP's TCP and UDP IPVS services (None: not a destination)."""
+    table = topology.ipvs_dests()
+    tcp, udp = marks(VIP)
+    t1 = topology.tasks["t1"]
+    return table.get(tcp, {}).get(t1), table.get(udp, {}).get(t1)
+
+
+def test_a_task_that_leaves_gets_nothing_new_its_tcp_finishes_its_udp_moves(topology, start_lb):
+    lb = start_lb()
+    lb.apply("t1", "t2", "t3")
+    if lb.backend == "ipvs":
+        assert _dests_of_t1(topology) == (1, 1), topology.ipvs_dests()
     held = None
     while held is None:
         sock = topology.socket(socket.SOCK_STREAM)
@@ -201,8 +321,14 @@ def test_a_task_that_leaves_gets_nothing_new_its_tcp_finishes_its_udp_moves(topo
         flow.sendto(b"?", (str(VIP), PORT))
         first = flow.recv(64).decode()
 
-    applier.apply(topology.plan("t2", "t3"))
+    lb.apply("t2", "t3")
     left_at = time.monotonic()
+    t1 = str(topology.tasks["t1"])
+    if lb.backend == "ipvs":  # TCP: weight 0 until the drain grace is over; UDP: gone at once
+        assert _dests_of_t1(topology) == (0, None), topology.ipvs_dests()
+    else:
+        assert t1 not in topology.rules(lb.backend), "iptables: the task leaves the rules at once"
+        assert lb.value("svcnet_lb_conntrack_deleted_total") >= 1, "t1's UDP flows were forgotten"
     moved = None
     while moved is None and time.monotonic() - left_at < 3:
         flow.sendto(b"?", (str(VIP), PORT))
@@ -219,13 +345,14 @@ def test_a_task_that_leaves_gets_nothing_new_its_tcp_finishes_its_udp_moves(topo
     assert held.recv(64) == b"still here\n", "the established TCP connection finishes on t1"
     held.close()
     flow.close()
-    time.sleep(1.1)  # past the drain grace: the next sync drops what was draining
-    applier.apply(topology.plan("t2", "t3"))
-    assert str(topology.tasks["t1"]) not in topology.rules()
+    # no new View: the loop's own drain deadline takes t1 out once the grace is over
+    assert _wait(lambda: t1 not in topology.rules(lb.backend), DRAIN_GRACE + 3), topology.rules(lb.backend)
+    if lb.backend == "ipvs":
+        assert _dests_of_t1(topology) == (None, None)
 
 
-def test_a_vip_without_tasks_refuses(topology, backend):
-    Applier(backend, topology.client).apply(topology.plan())
+def test_a_vip_without_tasks_refuses(topology, start_lb):
+    start_lb().apply()
     started = time.monotonic()
     with pytest.raises(ConnectionRefusedError):
         topology.tcp_name()
@@ -237,33 +364,62 @@ def test_a_vip_without_tasks_refuses(topology, backend):
     assert time.monotonic() - started < 2, "refused, not timed out"
 
 
-def test_same_plan_again_or_after_a_restart_writes_nothing(topology, backend):
-    applier = Applier(backend, topology.client)
-    first = applier.apply(topology.plan("t1", "t2", "t3"))
-    assert first.services_written == 2
-    before = topology.rules()
-    assert f"{VIP}" in before
-    again = applier.apply(topology.plan("t1", "t2", "t3"))
-    assert (again.services_written, again.services_removed, again.rules_written) == (0, 0, 0)
-    restarted = make_backend(os.environ.get("SVCNET_LB_BACKEND", "auto"), drain_grace=1.0)
-    _, fresh = restarted.sync(topology.client, None, topology.plan("t1", "t2", "t3"))
-    assert (fresh.services_written, fresh.services_removed, fresh.rules_written) == (0, 0, 0)
-    assert topology.rules() == before
+def test_a_vip_that_loses_its_last_task_refuses_new_connections_but_not_open_ones(topology, start_lb):
+    """Its last task gone (or an agent that restarted after its lease ran out and has not
+    written its tasks again yet): new connections are refused, an open one goes on."""
+    lb = start_lb()
+    lb.apply("t1")
+    with topology.socket(socket.SOCK_STREAM) as held:
+        held.connect((str(VIP), PORT))
+        assert held.recv(64) == b"t1\n"
+        lb.apply()
+        with pytest.raises(ConnectionRefusedError):
+            topology.tcp_name()
+        held.sendall(b"still here\n")
+        assert held.recv(64) == b"still here\n", "the open connection was reset"
+    lb.apply("t1")
+    assert topology.tcp_name() == "t1"
+
+
+def test_same_view_again_or_after_a_restart_writes_nothing(topology, start_lb):
+    lb = start_lb()
+    lb.apply("t1", "t2", "t3")
+    syncs, services, rules = lb.written()
+    assert (syncs, services) == (1, 2) and rules > 0, lb.written()
+    before = topology.rules(lb.backend)
+    assert f"{VIP}" in before and f"{EMPTY_VIP}" in before
+    if lb.backend == "ipvs":
+        assert str(marks(VIP)[0]) in before and str(topology.tasks["t3"]) in before, before
+    lb.apply("t1", "t2", "t3")
+    assert lb.written() == (syncs, services, rules), "the same plan again: no sync at all"
+    lb.close()
+
+    restarted = start_lb()
+    restarted.apply("t1", "t2", "t3")
+    assert restarted.written() == (1, 0, 0), "a restart reads the kernel back and writes nothing"
+    assert topology.rules(lb.backend) == before
+    restarted.close()
     # a VIP that vanished while we were down is removed on the first sync
-    _, gone = restarted.sync(topology.client, None, {VIP: topology.plan("t1")[VIP]})
-    assert gone.services_removed == 1 and f"{EMPTY_VIP}" not in topology.rules()
+    again = start_lb()
+    again.apply("t1", empty=False)
+    assert again.written()[:2] == (1, 2), "web rewritten, empty removed"
+    assert f"{EMPTY_VIP}" not in topology.rules(lb.backend)
+    assert again.value("svcnet_lb_vips") == 1
     assert _wait(lambda: topology.tcp_name() == "t1", 2)
+    assert {topology.tcp_name() for _ in range(30)} == {"t1"}
 
 
-def test_an_iptables_chain_edited_behind_our_back_is_rewritten_on_the_next_read(topology):
-    backend = make_backend("iptables", drain_grace=1.0)  # service chains are this backend's alone
-    Applier(backend, topology.client).apply(topology.plan("t1", "t2"))
-    before = topology.rules()
-    chain = "SVCNET-S-" + topology.plan()[VIP].tag
-    subprocess.run(["nsenter", f"--net={topology.client}", "iptables-legacy", "-t", "nat", "-F", chain], check=True)
-    assert topology.rules() != before
-    restarted = make_backend("iptables", drain_grace=1.0)
-    _, result = restarted.sync(topology.client, None, topology.plan("t1", "t2"))
+def test_an_iptables_chain_edited_behind_our_back_is_rewritten_on_the_next_read(topology, start_lb):
+    lb = start_lb("iptables")  # service chains are this backend's alone
+    lb.apply("t1", "t2")
+    before = topology.rules("iptables")
+    chain = "SVCNET-S-" + VipPlan(VIP, "web", NETWORK, ()).tag
+    _in_client(topology.client, "iptables-legacy", "-t", "nat", "-F", chain)
+    assert topology.rules("iptables") != before
+    lb.close()
+    restarted = start_lb("iptables")
+    restarted.apply("t1", "t2")
     # the same rules again (the repaired VIP's dispatch rule now comes last in its chain)
-    assert result.services_written == 1 and sorted(topology.rules().splitlines()) == sorted(before.splitlines())
+    assert restarted.written()[:2] == (1, 1)
+    assert sorted(topology.rules("iptables").splitlines()) == sorted(before.splitlines())
     assert {topology.tcp_name() for _ in range(30)} == {"t1", "t2"}

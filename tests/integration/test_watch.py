@@ -3,12 +3,14 @@
 import asyncio
 import json
 from contextlib import asynccontextmanager
+from itertools import pairwise
 
 import pytest
 
 from discovery.state.etcd import connect
 from discovery.state.keys import KeyLayout
 from discovery.state.model import Network
+from discovery.state.view import View
 from discovery.state.watch import ViewWatcher
 from tests.helpers import TcpProxy
 
@@ -31,27 +33,70 @@ async def _stop(client, task):
     await client.close()
 
 
-def test_view_follows_puts_and_deletes_in_order(etcd, prefix):
+def _subnets(view) -> dict[str, str]:
+    return {name: str(network.subnet) for name, network in view.networks.items()}
+
+
+def test_view_follows_puts_and_deletes_in_order(etcd, prefix, monkeypatch):
     keys = KeyLayout(prefix)
+    batches: list[tuple[int, list[tuple[bytes, bytes | None]]]] = []  # what the watcher applied, per View
+    apply = View.apply
+
+    def recording_apply(self, changes, revision, layout):
+        changes = list(changes)
+        batches.append((revision, [(change.key, change.value) for change in changes]))
+        return apply(self, changes, revision, layout)
 
     async def scenario():
         client, watcher, task = await _start_watcher(etcd.url, keys)
+        monkeypatch.setattr(View, "apply", recording_apply)  # after the listing: the watch's batches only
         seen = []
-        watcher.subscribe(lambda view: seen.append((view.revision, tuple(sorted(view.networks)))))
+        watcher.subscribe(lambda view: seen.append((view.revision, _subnets(view))))
         writer = await connect(etcd.url)
+        writes: list[tuple[bytes, bytes | None]] = []
+        state: dict[str, str] = {}
+        at_revision = {watcher.view.revision: {}}  # revision -> every network and its subnet then
+
+        async def put(name: str, octet: int) -> None:
+            value = _network(name, octet)
+            revision = (await writer.put(keys.network(name), value)).header.revision
+            writes.append((keys.network(name), value))
+            state[name] = f"10.40.{octet}.0/24"
+            at_revision[revision] = dict(state)
+
+        async def delete(name: str) -> None:
+            revision = (await writer.delete(keys.network(name))).header.revision
+            writes.append((keys.network(name), None))
+            del state[name]
+            at_revision[revision] = dict(state)
+
         for i in range(30):
-            await writer.put(keys.network(f"n{i}"), _network(f"n{i}", i))
+            await put(f"n{i}", i)
             if i % 3 == 2:
-                await writer.delete(keys.network(f"n{i - 1}"))
-        final_rev = (await writer.get_prefix(keys.root())).header.revision
+                await delete(f"n{i - 1}")
+            if i % 5 == 4:  # a new value for an older name (n10 and n25 were deleted: created again)
+                await put(f"n{i - 4}", 100 + i)
+        final_rev = max(at_revision)
         view = await watcher.wait_for(lambda v: v.revision >= final_rev, timeout=10)
-        expected = {f"n{i}" for i in range(30)} - {f"n{i - 1}" for i in range(30) if i % 3 == 2}
-        assert set(view.networks) == expected
-        revisions = [rev for rev, _ in seen]
-        assert revisions == sorted(revisions) and len(set(revisions)) == len(revisions)
-        # Every intermediate View is consistent with some prefix of the writes.
-        for _, names in seen:
-            assert all(name.startswith("n") for name in names)
+        await asyncio.sleep(0.2)  # a change applied late or twice would show up meanwhile
+        assert view.revision == final_rev and _subnets(watcher.view) == state
+        assert len(state) == 22 and state["n0"] == "10.40.104.0/24" and state["n10"] == "10.40.114.0/24"
+
+        # every write reached the View exactly once, in order: no change missed, none twice
+        applied = [change for _, batch in batches for change in batch]
+        assert len(applied) == len(writes) == 46
+        assert applied == writes
+        # one View per batch, in revision order, each at the revision of its batch's last write
+        assert [revision for revision, _ in seen] == [revision for revision, _ in batches]
+        assert all(a < b for (a, _), (b, _) in pairwise(seen)), [revision for revision, _ in seen]
+        ordered = sorted(at_revision)
+        position = 0
+        for (revision, _), (_, batch) in zip(seen, batches, strict=True):
+            position += len(batch)
+            assert revision == ordered[position], f"a View of {len(batch)} changes is stamped {revision}"
+        # and each View holds exactly the networks (and values) of the writes up to its revision
+        for revision, subnets in seen:
+            assert subnets == at_revision[revision], f"View at revision {revision}"
         await writer.close()
         await _stop(client, task)
 
