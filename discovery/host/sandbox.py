@@ -177,6 +177,7 @@ class SandboxManager:
         self.root = state_dir / "sandboxes"
         self.root.mkdir(parents=True, exist_ok=True)
         self.pins = state_dir / "netns"
+        self._early_pins: dict[str, tuple[str, str]] = {}  # name -> (source, pin) pinned before create
         self.netns_prefix = netns_prefix
         self.records: dict[str, SandboxRecord] = {}
         self._processes: dict[str, subprocess.Popen] = {}
@@ -251,6 +252,21 @@ class SandboxManager:
 
     # ---- lifecycle -----------------------------------------------------------------------
 
+    def pin_now(self, name: str, source: str) -> None:
+        """Pin ``source`` (e.g. /proc/PID/ns/net) for sandbox ``name`` at once, before the
+        registry is reachable: a sidecar does this at start, so a PID reused while it waits
+        for etcd cannot hand it someone else's netns. ``create`` then takes this pin."""
+        name = normalize_name(name, "container name")
+        path = str(self.pins / name)
+        pin_netns(source, path)
+        self._early_pins[name] = (source, path)
+
+    def release_early_pins(self) -> None:
+        """Undo ``pin_now`` pins that no sandbox took (a sidecar stopped before etcd answered)."""
+        for _, path in self._early_pins.values():
+            unpin_netns(path)
+        self._early_pins.clear()
+
     async def create(self, spec: SandboxSpec, lease: int) -> SandboxRecord:
         name = normalize_name(spec.name, "container name")
         if not spec.networks:
@@ -265,7 +281,10 @@ class SandboxManager:
             path = netns.netns_path(netns_name) if owns else spec.netns
             if owns and netns.netns_exists(path):
                 raise ConflictError(f"network namespace {netns_name!r} already exists; remove it with 'ip netns del {netns_name}'")
-            if not owns and not netns.netns_exists(path):
+            early = self._early_pins.get(name) if not owns else None
+            if early is not None and early[0] != path:
+                early = None
+            if not owns and early is None and not netns.netns_exists(path):
                 raise NotFoundError(f"network namespace {path!r} does not exist")
             networks = [n.lower() for n in spec.networks]
             try:
@@ -278,7 +297,9 @@ class SandboxManager:
             source = None
             if not owns:
                 source, path = path, str(self.pins / name)
-                await asyncio.to_thread(pin_netns, source, path)
+                if early is None:
+                    await asyncio.to_thread(pin_netns, source, path)
+                self._early_pins.pop(name, None)  # the record owns the pin from here
             request = SandboxRequest(
                 container=name, networks=tuple(networks), node=self.node,
                 hostname=spec.hostname or name, aliases=tuple(spec.aliases), service=spec.service,

@@ -46,7 +46,10 @@ class OneNetns:
         self.home = options.state_dir / "sidecars" / spec.name.lower()
 
     def attach(self, runtime: NodeRuntime) -> None:
-        return None
+        # pin the netns we were given now, not once etcd answers: a /proc/PID/ns/net path
+        # names someone else's netns as soon as that PID is reused
+        if self.spec.name.lower() not in runtime.sandboxes.records:
+            runtime.sandboxes.pin_now(self.spec.name, self.spec.netns)
 
     async def started(self, runtime: NodeRuntime) -> None:
         spec = self.spec
@@ -80,6 +83,7 @@ class OneNetns:
                 await runtime.sandboxes.remove(name)
             except Exception as exc:  # the lease will still expire
                 log.error("cannot deregister sandbox=%s error=%s", name, exc)
+        runtime.sandboxes.release_early_pins()
 
 
 def run_sidecar(options: NodeOptions, spec: SidecarSpec) -> int:

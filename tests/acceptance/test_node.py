@@ -341,6 +341,60 @@ def test_attached_netns_is_pinned_and_a_reused_pid_changes_nothing(cli):
         impostor.wait()
 
 
+def _mounted(path: Path) -> bool:
+    return any(line.split()[4] == str(path) for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+def test_sidecar_pins_its_netns_at_once_even_with_etcd_down(own_cli, own_etcd):
+    """Given /proc/PID/ns/net while etcd is down, the sidecar pins it before anything else:
+    the owner exits and its PID is reused meanwhile, and when etcd answers the sidecar still
+    serves the netns it was given, not the impostor's."""
+    cli = own_cli
+    net, name = cli.name("n"), cli.name("side")
+    cli.run("network", "create", net, "--subnet", "10.183.0.0/24")
+    owner = _process_in_new_netns()
+    original = os.readlink(f"/proc/{owner.pid}/ns/net")
+    own_etcd.stop()
+    pin = cli.state_dir / "sidecars" / name / "netns" / name
+    log = open(cli.state_dir.parent / "sidecar.log", "wb")
+    sidecar = subprocess.Popen([sys.executable, "-m", "discovery.cli", "sidecar", "--netns", f"/proc/{owner.pid}/ns/net",
+                                "--name", name, "--network", net], env=cli.env, stdout=log, stderr=subprocess.STDOUT)
+    impostor = None
+    try:
+        wait_until(lambda: _mounted(pin), 5, "the netns pinned while etcd is down")
+        pid = owner.pid
+        owner.kill()
+        owner.wait()
+        impostor = _take_pid(pid)
+        assert impostor is not None, "could not reuse the PID for the test"
+        own_etcd.start()
+        wait_until(lambda: "10.183.0.2/24" in subprocess.run(
+            ["nsenter", f"--net={pin}", "ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout,
+            20, "the sidecar attached the pinned netns once etcd answered")
+        inside = subprocess.run(["nsenter", f"--net={pin}", "readlink", "/proc/self/ns/net"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        assert inside == original, "the pin holds the netns the sidecar was given"
+        host = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=True).stdout
+        assert "10.183.0.2/24" not in host, "the impostor's (the host's) netns got the address"
+        wait_until(lambda: dig_short_in(pin, name) == ["10.183.0.2"], 10, "the sidecar answers in its netns")
+    finally:
+        sidecar.send_signal(signal.SIGTERM)
+        sidecar.wait(20)
+        if impostor is not None:
+            impostor.kill()
+            impostor.wait()
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+    assert not _mounted(pin), "SIGTERM released the pin"
+
+
+def dig_short_in(netns_path: Path, name: str) -> list[str]:
+    result = subprocess.run(["nsenter", f"--net={netns_path}", "dig", "@127.0.0.11", "+tries=1", "+time=1", "+short",
+                             name], capture_output=True, text=True, timeout=10)
+    return sorted(line for line in result.stdout.splitlines() if line and not line.startswith(";"))
+
+
 # ---- commands that exit, and restart policies -------------------------------------------------
 
 
