@@ -68,7 +68,9 @@ def ipvs_available() -> bool:
         return False
     if not Path("/proc/net/ip_vs").exists():
         reason = (result.stderr.strip() or f"exit {result.returncode}").replace(" ", "_")[:160]
-        log.warning("ipvs unavailable: the kernel has no ip_vs module reason=%s fallback=iptables", reason)
+        log.warning("ipvs unavailable: the kernel has no ip_vs module reason=%s fallback=iptables "
+                    "hint=%r", reason, "use a kernel built with CONFIG_IP_VS (Debian's linux-image-amd64 has it) "
+                    "to get IPVS; iptables balances the same VIPs meanwhile")
         return False
     return True
 
@@ -243,13 +245,18 @@ def _dest(ipvs, command: str, mark: int, backend: IPv4Address, weight: int) -> N
     ipvs.dest(command, service=service, dest=dest)
 
 
+_sysctl_warned: set[str] = set()
+
+
 def _set_sysctls() -> None:
     for key, value in SYSCTLS.items():
         path = Path("/proc/sys/net/ipv4/vs") / key
         try:
             path.write_text(value + "\n")
-        except OSError as exc:
-            log.warning("cannot set ipvs sysctl key=%s error=%s", key, exc)
+        except OSError as exc:  # same cause in every netns: say it once per process
+            level = logging.DEBUG if key in _sysctl_warned else logging.WARNING
+            _sysctl_warned.add(key)
+            log.log(level, "cannot set ipvs sysctl key=%s error=%s", key, exc)
 
 
 def _observe(ipvs, mangle: iptc.Table) -> NetnsState:

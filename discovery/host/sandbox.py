@@ -354,14 +354,14 @@ class SandboxManager:
             record.attachments.append(asdict(attachment))
         directory = self.root / record.name
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "resolv.conf").write_text(RESOLV_CONF)
+        write_atomically(directory / "resolv.conf", RESOLV_CONF.encode(), 0o644)
         hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
         for endpoint in endpoints:
             names = " ".join(dict.fromkeys([record.hostname, record.name]))
             hosts.append(f"{endpoint.ipv4}\t{names}")
             if endpoint.ipv6:
                 hosts.append(f"{endpoint.ipv6}\t{names}")
-        (directory / "hosts").write_text("\n".join(hosts) + "\n")
+        write_atomically(directory / "hosts", ("\n".join(hosts) + "\n").encode(), 0o644)
         record.files = {"resolv_conf": str(directory / "resolv.conf"), "hosts": str(directory / "hosts"),
                         "log": str(directory / "output.log"), "exit": str(directory / "exit_code")}
 

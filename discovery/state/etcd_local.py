@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from discovery.errors import EtcdUnavailableError
+from discovery.files import write_atomically
 from discovery.procs import pid_alive
 
 INSTALL_HINT = (
@@ -136,7 +137,7 @@ def ensure_local_etcd(state_dir: Path) -> str:
     # Keep the ports we had so a restarted etcd keeps its member URLs.
     member = EtcdProcess(home, meta.get("client_port") or free_port(), meta.get("peer_port") or free_port())
     member.start(home / "etcd.log")
-    meta_path.write_text(json.dumps(
+    write_atomically(meta_path, json.dumps(
         {"pid": member.pid, "client_port": member.client_port, "peer_port": member.peer_port}
-    ))
+    ).encode())
     return member.url

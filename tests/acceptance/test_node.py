@@ -398,19 +398,28 @@ def dig_short_in(netns_path: Path, name: str) -> list[str]:
 # ---- commands that exit, and restart policies -------------------------------------------------
 
 
-def test_exited_task_leaves_answers_within_a_second_and_ps_shows_its_code(cli, tmp_path):
+def _nat_rules(cli: Cli, sandbox: str) -> str:
+    return subprocess.run(["nsenter", f"--net={cli.netns(sandbox)}", "iptables-legacy-save", "-t", "nat"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_exited_task_leaves_answers_and_vip_within_a_second_and_ps_shows_its_code(cli, tmp_path):
     net, task, client = cli.name("n"), cli.name("t"), cli.name("c")
     cli.run("network", "create", net, "--subnet", "10.176.0.0/24")
-    cli.run("service", "create", "job", "--network", net, "--endpoint-mode", "dnsrr")
+    cli.run("service", "create", "job", "--network", net)
     stamp = tmp_path / "ended"
     cli.run("run", "-d", "--name", task, "--network", net, "--service", "job", "--",
             "sh", "-c", f"sleep 1.5; date +%s.%N > {stamp}; exit 3")
     cli.run("run", "-d", "--name", client, "--network", net)
     address = cli.json("ps")[[r["name"] for r in cli.json("ps")].index(task)]["endpoints"][0]["ipv4"]
-    assert dig_short(cli, client, "job") == [address]
-    wait_until(lambda: dig_short(cli, client, "tasks.job") == [], 10, "task out of answers", every=0.02)
+    assert dig_short(cli, client, "tasks.job") == [address]
+    assert f"--to-destination {address}" in _nat_rules(cli, client), "the task is a VIP backend"
+    wait_until(lambda: dig_short(cli, client, "tasks.job") == [] and
+               f"--to-destination {address}" not in _nat_rules(cli, client), 10,
+               "task out of answers and VIP backends", every=0.02)
     gone_at = time.time()
-    assert gone_at - float(stamp.read_text()) <= 1.0, f"answers kept the task {gone_at - float(stamp.read_text()):.2f}s"
+    took = gone_at - float(stamp.read_text())
+    assert took <= 1.0, f"answers or the VIP kept the task {took:.2f}s"
     row = [r for r in cli.json("ps") if r["name"] == task][0]
     assert row["status"] == "exited (3)", row["status"]
     assert "exited (3)" in cli.run("ps").stdout
@@ -487,6 +496,7 @@ def test_unparsable_value_is_logged_once_and_the_last_good_version_stays(cli):
     cli.run("service", "create", "web", "--network", net)
     cli.run("run", "-d", "--name", client, "--network", net)
     vip = cli.json("service", "inspect", "web")["vips"][net]
+    assert f"-d {vip}/32" in _nat_rules(cli, client)
     bridge = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True).stdout
     service_key, network_key = f"{cli.prefix}/services/web", f"{cli.prefix}/networks/{net}"
     etcdctl(cli, "put", service_key, "{not json")
@@ -495,6 +505,7 @@ def test_unparsable_value_is_logged_once_and_the_last_good_version_stays(cli):
     cli.run("network", "create", cli.name("other"), "--subnet", "10.181.0.0/24")  # more View changes
     time.sleep(0.5)
     assert dig_short(cli, client, "web") == [vip], "a bad service value deleted its names"
+    assert f"-d {vip}/32" in _nat_rules(cli, client), "a bad service value deleted the VIP's rules"
     assert subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True,
                           text=True).stdout.count("svbr") >= bridge.count("svbr"), "a bad network value removed its bridge"
     assert subprocess.run(["nsenter", f"--net={cli.netns(client)}", "ping", "-c1", "-W1", "10.180.0.1"],

@@ -89,3 +89,47 @@ def test_cli_start_loads_no_heavy_library():
             "'discovery.dns', 'lb')))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert loaded == [], f"the CLI imports at start: {loaded}"
+
+
+_FAKE_AGENT = '''
+import json, os, socket, sys, threading
+path = sys.argv[1]
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen(8)
+print("ready", flush=True)
+answers = {"/v1/info": {"prefix": "/svcnet", "pid": os.getpid()},
+           "/v1/sandboxes": [{"name": "web1", "endpoints": [{"network": "front", "ipv4": "10.10.0.2"}],
+                              "service": None, "status": "running", "pid": 42, "command": ["sleep", "9"]}]}
+while True:
+    conn, _ = server.accept()
+    request = conn.recv(65536).decode()
+    body = json.dumps(answers[request.split()[1]]).encode()
+    conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
+    conn.close()
+'''
+
+
+def test_ps_talks_to_the_agent_with_nothing_heavy_loaded(tmp_path):
+    """`svcnet ps` end to end (against a stand-in agent on the socket): the listing is
+    printed and the process never loaded gRPC, pyroute2, asyncio or the registry."""
+    state = tmp_path / "state"
+    state.mkdir()
+    agent = subprocess.Popen([sys.executable, "-c", _FAKE_AGENT, str(state / "agent.sock")], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert agent.stdout.readline().strip() == "ready"
+        code = ("import sys; from discovery.cli.main import main; "
+                f"sys.argv = ['svcnet', '--state-dir', {str(state)!r}, '--prefix', '/svcnet', 'ps']; "
+                "code = main(); print('LOADED', ' '.join(sorted(n for n in sys.modules if n.split('.')[0] in "
+                "('grpc', 'aetcd', 'pyroute2', 'iptc', 'asyncio', 'uvloop', 'dnslib') "
+                "or n.startswith(('discovery.state.registry', 'discovery.state.etcd', 'discovery.host', "
+                "'discovery.dns', 'lb'))))); sys.exit(code)")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        listing, _, loaded = result.stdout.partition("LOADED")
+        assert "web1" in listing and "10.10.0.2" in listing, listing
+        assert loaded.split() == [], f"svcnet ps loaded: {loaded.split()}"
+    finally:
+        agent.kill()
+        agent.wait()
