@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from discovery import __version__
+from discovery import __version__, defaults
 from discovery.errors import AgentUnavailableError, SvcnetError
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ DEFAULT_STATE_DIR = "/var/lib/svcnet"
 MAIN_EPILOG = """\
 examples:
   svcnet network create front --subnet 10.10.0.0/24
-  svcnet service create web --network front --publish 8080:80
+  svcnet service create web --network front --publish 80
   svcnet run -d --name web1 --network front --service web -- python3 -m http.server 80
   svcnet exec web1 -- ip addr
   svcnet ps
@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vip: the name resolves to one virtual IP (default); dnsrr: to the task IPs")
     p.add_argument("--alias", action="append", default=[], help="another DNS name for the service (repeatable)")
     p.add_argument("--publish", action="append", default=[], metavar="PUBLISHED:TARGET[/udp][,mode=host]",
-                   help="publish a port (repeatable); TARGET alone declares a port without publishing it")
+                   help="declare a port (repeatable): TARGET is served in SRV answers; PUBLISHED is stored "
+                        "for the routing mesh, which does not publish it on the host yet")
     p = _command(service_sub, "ls", "list services", "svcnet service ls", cmd_service_ls)
     _format_option(p)
     p = _command(service_sub, "inspect", "show one service with its tasks", "svcnet service inspect web",
@@ -179,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = ("Run the per-host agent in the foreground: it owns this node's sandboxes and their lease, "
                      "keeps bridges and rules in step with the registry, and answers DNS on 127.0.0.11:53 inside "
                      "every local sandbox. The CLI starts it on demand (passing the SVCNET_* environment on).")
-    p.add_argument("--lease-ttl", type=int, default=10,
-                   help="seconds a dead agent's endpoints stay in the registry (default 10)")
+    p.add_argument("--lease-ttl", type=int, default=defaults.LEASE_TTL,
+                   help="seconds a dead agent's endpoints stay in the registry (default %(default)s)")
     _resolver_options(p, default_metrics=os.environ.get("SVCNET_METRICS_ADDR", DEFAULT_METRICS_ADDR))
     _lb_options(p)
 
@@ -195,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sandbox_options(p)
     p.add_argument("--hostname", help="hostname to register (default: --name)")
     p.add_argument("--ip", help="IPv4 address on the first network")
-    p.add_argument("--lease-ttl", type=int, default=10,
-                   help="seconds this sandbox's names outlive a killed sidecar (default 10)")
+    p.add_argument("--lease-ttl", type=int, default=defaults.LEASE_TTL,
+                   help="seconds this sandbox's names outlive a killed sidecar (default %(default)s)")
     _resolver_options(p, default_metrics=os.environ.get("SVCNET_SIDECAR_METRICS_ADDR", ""))
     _lb_options(p)
     return parser
@@ -205,13 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _lb_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("load balancer", "traffic to a service's VIP goes to its healthy tasks")
     group.add_argument("--lb-backend", choices=["auto", "ipvs", "iptables"],
-                       default=os.environ.get("SVCNET_LB_BACKEND", "auto"),
+                       default=os.environ.get("SVCNET_LB_BACKEND", defaults.LB_BACKEND),
                        help="auto: IPVS when the kernel has it, else iptables DNAT (env SVCNET_LB_BACKEND)")
-    group.add_argument("--drain-grace", type=float, default=30.0, metavar="SECONDS",
-                       help="IPVS: a task that left keeps its established connections this long (default 30)")
+    group.add_argument("--drain-grace", type=float, default=defaults.DRAIN_GRACE, metavar="SECONDS",
+                       help="IPVS: a task that left keeps its established connections this long "
+                            "(default %(default)s)")
 
 
-DEFAULT_METRICS_ADDR = "127.0.0.1:9253"
+DEFAULT_METRICS_ADDR = defaults.METRICS_ADDR
 
 
 def _resolver_options(parser: argparse.ArgumentParser, default_metrics: str) -> None:
@@ -222,20 +224,24 @@ def _resolver_options(parser: argparse.ArgumentParser, default_metrics: str) -> 
                        help="upstream resolver, tried in order (repeatable; env SVCNET_UPSTREAM, comma-separated; "
                             "default: the nameservers of the host's /etc/resolv.conf, minus 127.0.0.11)")
     group.set_defaults(upstream_env=upstream_env)
-    group.add_argument("--upstream-timeout", type=float, default=1.5, metavar="SECONDS",
-                       help="wait this long for one upstream before trying the next (default 1.5; Docker waits 4)")
-    group.add_argument("--max-inflight", type=int, default=1024, metavar="N",
-                       help="forwarded queries in flight per sandbox before REFUSED (default 1024)")
-    group.add_argument("--tcp-idle-timeout", type=float, default=5.0, metavar="SECONDS",
-                       help="close a DNS TCP connection idle this long (default 5)")
-    group.add_argument("--ttl-vip", type=int, default=600, metavar="SECONDS",
-                       help="TTL of a service's VIP: stable for the service's life (default 600)")
-    group.add_argument("--ttl-name", type=int, default=60, metavar="SECONDS",
-                       help="TTL of container names, aliases and PTRs: a re-created container moves (default 60)")
-    group.add_argument("--ttl-tasks", type=int, default=5, metavar="SECONDS",
-                       help="TTL of task lists (dnsrr services, tasks.<svc>, SRV): they change often (default 5)")
-    group.add_argument("--ttl-negative", type=int, default=5, metavar="SECONDS",
-                       help="TTL of NODATA/NXDOMAIN: a name about to appear must not stay hidden (default 5)")
+    group.add_argument("--upstream-timeout", type=float, default=defaults.UPSTREAM_TIMEOUT, metavar="SECONDS",
+                       help="wait this long for one upstream before trying the next (default %(default)s; "
+                            "Docker waits 4)")
+    group.add_argument("--max-inflight", type=int, default=defaults.MAX_INFLIGHT, metavar="N",
+                       help="forwarded queries in flight per sandbox before REFUSED (default %(default)s)")
+    group.add_argument("--tcp-idle-timeout", type=float, default=defaults.TCP_IDLE_TIMEOUT, metavar="SECONDS",
+                       help="close a DNS TCP connection idle this long (default %(default)s)")
+    group.add_argument("--ttl-vip", type=int, default=defaults.TTL_VIP, metavar="SECONDS",
+                       help="TTL of a service's VIP: stable for the service's life (default %(default)s)")
+    group.add_argument("--ttl-name", type=int, default=defaults.TTL_NAME, metavar="SECONDS",
+                       help="TTL of container names, aliases and PTRs: a re-created container moves "
+                            "(default %(default)s)")
+    group.add_argument("--ttl-tasks", type=int, default=defaults.TTL_TASKS, metavar="SECONDS",
+                       help="TTL of task lists (dnsrr services, tasks.<svc>, SRV): they change often "
+                            "(default %(default)s)")
+    group.add_argument("--ttl-negative", type=int, default=defaults.TTL_NEGATIVE, metavar="SECONDS",
+                       help="TTL of NODATA/NXDOMAIN: a name about to appear must not stay hidden "
+                            "(default %(default)s)")
     group.add_argument("--metrics-addr", default=default_metrics, metavar="HOST:PORT",
                        help="serve Prometheus metrics here; '' turns them off; port 0 picks one "
                             f"(env SVCNET_METRICS_ADDR; default {default_metrics or 'off'})")

@@ -19,6 +19,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from discovery import defaults
+
 from . import wire as w
 from .records import NameRecord, Records, ServiceRecord
 
@@ -37,10 +39,10 @@ class Ttls:
     when the container is re-created (a minute); a task list changes with every start, stop
     and health flip (seconds); a negative answer must not hide a name that is about to exist."""
 
-    vip: int = 600
-    name: int = 60
-    tasks: int = 5
-    negative: int = 5
+    vip: int = defaults.TTL_VIP
+    name: int = defaults.TTL_NAME
+    tasks: int = defaults.TTL_TASKS
+    negative: int = defaults.TTL_NEGATIVE
 
     def of(self, ttl_class: str) -> int:
         return {"vip": self.vip, "name": self.name, "tasks": self.tasks}[ttl_class]

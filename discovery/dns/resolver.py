@@ -25,6 +25,7 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from discovery import defaults
 from discovery.errors import ConflictError, SvcnetError
 from discovery.host.netns import entered_netns
 from discovery.metrics import Metrics
@@ -52,10 +53,10 @@ TCP_WRITE_BUFFER_LIMIT = 256 * 1024
 @dataclass(frozen=True)
 class ResolverConfig:
     upstreams: tuple[Upstream, ...] = ()
-    upstream_timeout: float = 1.5
-    max_inflight: int = 1024  # forwards in flight per sandbox, then REFUSED (as Docker, configurable)
-    tcp_idle_timeout: float = 5.0
-    max_tcp_clients: int = 128  # per sandbox
+    upstream_timeout: float = defaults.UPSTREAM_TIMEOUT
+    max_inflight: int = defaults.MAX_INFLIGHT  # forwards in flight per sandbox, then REFUSED
+    tcp_idle_timeout: float = defaults.TCP_IDLE_TIMEOUT
+    max_tcp_clients: int = defaults.MAX_TCP_CLIENTS  # per sandbox
     ttls: Ttls = field(default_factory=Ttls)
 
 

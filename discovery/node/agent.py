@@ -130,25 +130,7 @@ class AgentSandboxes:
         return self.runtime.sandboxes.get(match["name"]).to_dict()
 
     async def _create(self, body, match) -> dict:
-        runtime = self.runtime
-        spec = SandboxSpec.from_dict(body)
-        lease = await runtime.current_lease()
-        try:
-            record = await runtime.sandboxes.create(spec, lease)
-        except TRANSIENT_ERRORS as exc:
-            raise EtcdUnavailableError(f"etcd is unreachable, cannot register {spec.name!r}: {type(exc).__name__}") from None
-        if not await runtime.serve(record):
-            await runtime.unserve(record.name)
-            await runtime.sandboxes.remove(record.name)
-            raise EtcdUnavailableError(f"cannot serve DNS in sandbox {record.name!r}; see the agent's log")
-        # its names resolve and its VIPs work by the time the caller hears back
-        keys = [(e["network"], record.name) for e in record.endpoints]
-        try:
-            await runtime.watcher.wait_for(lambda view: all(k in view.endpoints for k in keys), timeout=5)
-            await runtime.lb.wait_synced(record.name)
-        except TimeoutError:
-            log.warning("sandbox not yet in the view sandbox=%s", record.name)
-        return record.to_dict()
+        return (await self.runtime.add_sandbox(SandboxSpec.from_dict(body))).to_dict()
 
     async def _remove(self, body, match) -> dict:
         runtime = self.runtime

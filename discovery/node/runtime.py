@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from discovery import __version__
+from discovery import __version__, defaults
 from discovery.dns.resolver import DNAT_HINT, Resolver, ResolverConfig, SandboxServer, Scope
 from discovery.errors import EtcdUnavailableError, SvcnetError
 from discovery.files import write_atomically
-from discovery.host.sandbox import SandboxManager, SandboxRecord, restart_delay, should_restart
+from discovery.host.sandbox import SandboxManager, SandboxRecord, SandboxSpec, restart_delay, should_restart
 from discovery.metrics import Metrics
 from discovery.procs import pid_alive
 from discovery.state import snapshot
@@ -63,12 +63,12 @@ class NodeOptions:
     prefix: str
     node: str
     state_dir: Path
-    lease_ttl: int = 10
+    lease_ttl: int = defaults.LEASE_TTL
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
-    metrics_addr: tuple[str, int] | None = ("127.0.0.1", 9253)
+    metrics_addr: tuple[str, int] | None = (defaults.METRICS_HOST, defaults.METRICS_PORT)
     metrics_addr_explicit: bool = False  # a busy default port is a warning, a busy chosen one an error
-    lb_backend: str = "auto"  # auto | ipvs | iptables
-    drain_grace: float = 30.0  # IPVS: seconds a removed task keeps its established connections
+    lb_backend: str = defaults.LB_BACKEND  # auto | ipvs | iptables
+    drain_grace: float = defaults.DRAIN_GRACE  # IPVS: seconds a removed task keeps its established connections
 
 
 class SandboxSource(Protocol):
@@ -138,6 +138,27 @@ class SandboxResolvers:
         self.resolver = resolver
         self.servers: dict[str, SandboxServer] = {}
         self.conflicts = 0
+
+    async def add_sandbox(self, spec: SandboxSpec) -> SandboxRecord:
+        """Create and serve a sandbox; return once its names resolve and its VIPs work (the
+        one path for the agent's API and the sidecar's own sandbox)."""
+        lease = await self.current_lease()
+        try:
+            record = await self.sandboxes.create(spec, lease)
+        except TRANSIENT_ERRORS as exc:
+            raise EtcdUnavailableError(f"etcd is unreachable, cannot register {spec.name!r}: "
+                                       f"{type(exc).__name__}") from None
+        if not await self.serve(record):
+            await self.unserve(record.name)
+            await self.sandboxes.remove(record.name)
+            raise SvcnetError(f"sandbox {record.name!r} (netns {record.source_netns or record.netns}): {DNAT_HINT}")
+        keys = [(e["network"], record.name) for e in record.endpoints]
+        try:
+            await self.watcher.wait_for(lambda view: all(k in view.endpoints for k in keys), timeout=5)
+            await self.lb.wait_synced(record.name)
+        except TimeoutError:
+            log.warning("sandbox not yet in the view sandbox=%s", record.name)
+        return record
 
     async def serve(self, record: SandboxRecord) -> bool:
         """Listen in the sandbox; False if something else answers its 127.0.0.11:53 (Docker)."""
@@ -339,6 +360,27 @@ class NodeRuntime:
         log.info("metrics serving address=http://%s:%d/metrics", *self.metrics_address)
 
     # ---- sandboxes ---------------------------------------------------------------------
+
+    async def add_sandbox(self, spec: SandboxSpec) -> SandboxRecord:
+        """Create and serve a sandbox; return once its names resolve and its VIPs work (the
+        one path for the agent's API and the sidecar's own sandbox)."""
+        lease = await self.current_lease()
+        try:
+            record = await self.sandboxes.create(spec, lease)
+        except TRANSIENT_ERRORS as exc:
+            raise EtcdUnavailableError(f"etcd is unreachable, cannot register {spec.name!r}: "
+                                       f"{type(exc).__name__}") from None
+        if not await self.serve(record):
+            await self.unserve(record.name)
+            await self.sandboxes.remove(record.name)
+            raise SvcnetError(f"sandbox {record.name!r} (netns {record.source_netns or record.netns}): {DNAT_HINT}")
+        keys = [(e["network"], record.name) for e in record.endpoints]
+        try:
+            await self.watcher.wait_for(lambda view: all(k in view.endpoints for k in keys), timeout=5)
+            await self.lb.wait_synced(record.name)
+        except TimeoutError:
+            log.warning("sandbox not yet in the view sandbox=%s", record.name)
+        return record
 
     async def serve(self, record: SandboxRecord) -> bool:
         """DNS, load balancing and health checks for one sandbox; False if its DNS is shadowed."""

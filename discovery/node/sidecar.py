@@ -14,8 +14,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from discovery.dns.resolver import DNAT_HINT
-from discovery.errors import EtcdUnavailableError, SvcnetError
+from discovery.errors import EtcdUnavailableError
 from discovery.host.sandbox import SandboxSpec
 from discovery.state.etcd import TRANSIENT_ERRORS
 
@@ -56,9 +55,8 @@ class OneNetns:
         record = runtime.sandboxes.records.get(spec.name.lower())
         if record is None:
             record = await self._create(runtime)
-            if not await runtime.serve(record):
-                raise SvcnetError(f"netns {spec.netns}: {DNAT_HINT}")
-        await runtime.lb.wait_synced(record.name)
+        else:  # our own sandbox from before a restart, served from its record
+            await runtime.lb.wait_synced(record.name)
         addresses = " ".join(f"{e['network']}={e['ipv4']}" for e in record.endpoints)
         log.warning("sidecar serving sandbox=%s netns=%s %s", record.name, record.netns, addresses)
 
@@ -69,7 +67,7 @@ class OneNetns:
         delay = 0.2
         while True:
             try:
-                return await runtime.sandboxes.create(request, await runtime.current_lease())
+                return await runtime.add_sandbox(request)
             except (EtcdUnavailableError, *TRANSIENT_ERRORS) as exc:
                 log.warning("waiting for etcd to register sandbox=%s retry_in=%.1fs error=%s",
                             spec.name, delay, type(exc).__name__)
