@@ -139,27 +139,6 @@ class SandboxResolvers:
         self.servers: dict[str, SandboxServer] = {}
         self.conflicts = 0
 
-    async def add_sandbox(self, spec: SandboxSpec) -> SandboxRecord:
-        """Create and serve a sandbox; return once its names resolve and its VIPs work (the
-        one path for the agent's API and the sidecar's own sandbox)."""
-        lease = await self.current_lease()
-        try:
-            record = await self.sandboxes.create(spec, lease)
-        except TRANSIENT_ERRORS as exc:
-            raise EtcdUnavailableError(f"etcd is unreachable, cannot register {spec.name!r}: "
-                                       f"{type(exc).__name__}") from None
-        if not await self.serve(record):
-            await self.unserve(record.name)
-            await self.sandboxes.remove(record.name)
-            raise SvcnetError(f"sandbox {record.name!r} (netns {record.source_netns or record.netns}): {DNAT_HINT}")
-        keys = [(e["network"], record.name) for e in record.endpoints]
-        try:
-            await self.watcher.wait_for(lambda view: all(k in view.endpoints for k in keys), timeout=5)
-            await self.lb.wait_synced(record.name)
-        except TimeoutError:
-            log.warning("sandbox not yet in the view sandbox=%s", record.name)
-        return record
-
     async def serve(self, record: SandboxRecord) -> bool:
         """Listen in the sandbox; False if something else answers its 127.0.0.11:53 (Docker)."""
         server = self.servers.get(record.name)
