@@ -147,9 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                                   "task is in no DNS answer and gets no VIP traffic")
     health.add_argument("--health-cmd", metavar="CMD", help="shell command; exit 0 means healthy")
     health.add_argument("--health-interval", type=float, default=5.0, metavar="SECONDS",
-                        help="seconds between checks, and each check's time limit (default 5)")
+                        help="seconds between checks (default %(default)s)")
+    health.add_argument("--health-timeout", type=float, default=None, metavar="SECONDS",
+                        help="a check running longer fails and is killed with its process group "
+                             "(default: the interval, at least 1 s)")
     health.add_argument("--health-retries", type=int, default=3, metavar="N",
-                        help="failures in a row before the task counts as unhealthy (default 3)")
+                        help="failures in a row before the task counts as unhealthy (default %(default)s)")
     p.add_argument("--restart", default="no", metavar="POLICY",
                    help="with -d: no (default), on-failure[:N], always or unless-stopped, as Docker; "
                         "a command that ends leaves DNS answers and VIPs within a second either way")
@@ -527,7 +530,8 @@ def _sandbox_body(args, command: list[str], detach: bool, netns: str | None = No
             raise SvcnetError("--restart needs -d (a foreground command ends with the sandbox)")
         body["restart"] = args.restart
     if getattr(args, "health_cmd", None):
-        body["health"] = {"cmd": args.health_cmd, "interval": args.health_interval, "retries": args.health_retries}
+        body["health"] = {"cmd": args.health_cmd, "interval": args.health_interval, "retries": args.health_retries,
+                          "timeout": args.health_timeout}
     return body
 
 

@@ -290,7 +290,7 @@ class SandboxManager:
             try:
                 health_check = HealthSpec(**spec.health).to_dict() if spec.health else None
             except TypeError:
-                raise ValidationError("health takes cmd, interval and retries") from None
+                raise ValidationError("health takes cmd, interval, retries and timeout") from None
             parse_restart(spec.restart)
             if spec.restart != "no" and not spec.command:
                 raise ValidationError("--restart needs a COMMAND to restart")

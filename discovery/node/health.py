@@ -70,7 +70,7 @@ class HealthChecker:
     async def _run(self, name: str, argv: list[str], spec: HealthSpec, health: str) -> None:
         state = HealthState(spec.retries, health)
         while True:
-            passed = await check_once(argv, spec.interval)
+            passed = await check_once(argv, spec.time_limit())
             changed = state.record(passed)
             if changed is not None:
                 log.info("health changed sandbox=%s health=%s", name, changed)
@@ -81,8 +81,8 @@ class HealthChecker:
             await asyncio.sleep(spec.interval)
 
 
-async def check_once(argv: list[str], interval: float) -> bool:
-    """Run one check; it passes if it exits 0 within the interval (at least 1 s).
+async def check_once(argv: list[str], time_limit: float) -> bool:
+    """Run one check; it passes if it exits 0 within ``time_limit`` seconds.
 
     The check runs in a session of its own, so one that is too slow (or whose task is
     cancelled) is killed with its whole process group: killing only the shell would leave
@@ -93,7 +93,7 @@ async def check_once(argv: list[str], interval: float) -> bool:
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         start_new_session=True)
     try:
-        return await asyncio.wait_for(process.wait(), max(interval, 1.0)) == 0
+        return await asyncio.wait_for(process.wait(), time_limit) == 0
     except TimeoutError:
         return False
     finally:

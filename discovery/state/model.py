@@ -415,12 +415,15 @@ class HealthSpec:
     cmd: str
     interval: float = 5.0
     retries: int = 3
+    timeout: float | None = None  # a check running longer fails (None: the interval, at least 1 s)
 
     def __post_init__(self) -> None:
         if not self.cmd.strip():
             raise ValidationError("--health-cmd must not be empty")
         if self.interval <= 0:
             raise ValidationError("--health-interval must be more than 0 seconds")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValidationError("--health-timeout must be more than 0 seconds")
         if self.retries < 1:
             raise ValidationError("--health-retries must be at least 1")
 
@@ -429,3 +432,7 @@ class HealthSpec:
 
     def command(self) -> list[str]:
         return ["sh", "-c", self.cmd]
+
+    def time_limit(self) -> float:
+        """Seconds one check may run before it fails and is killed (Docker's --health-timeout)."""
+        return self.timeout if self.timeout is not None else max(self.interval, 1.0)

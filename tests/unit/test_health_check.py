@@ -7,6 +7,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from discovery.node.health import check_once
 from discovery.procs import pid_alive
 
@@ -47,3 +49,14 @@ def test_a_timed_out_check_is_killed_with_its_whole_process_group(tmp_path):
 def test_a_passing_and_a_failing_check_report_their_exit_status():
     assert asyncio.run(check_once(["true"], 1.0)) is True
     assert asyncio.run(check_once(["false"], 1.0)) is False
+
+
+def test_a_check_gets_its_own_time_limit_or_the_interval():
+    from discovery.errors import ValidationError
+    from discovery.state.model import HealthSpec
+
+    assert HealthSpec("true", interval=0.5).time_limit() == 1.0, "the interval, at least 1 s"
+    assert HealthSpec("true", interval=5).time_limit() == 5
+    assert HealthSpec("true", interval=0.5, timeout=30).time_limit() == 30, "slow checks (Docker's --health-timeout)"
+    with pytest.raises(ValidationError, match="--health-timeout"):
+        HealthSpec("true", timeout=0)
