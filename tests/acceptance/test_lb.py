@@ -2,10 +2,9 @@
 
 Tasks are sandboxes from `svcnet run` running tests/taskserver.py (answers with its own
 name). Clients are sockets opened inside a client sandbox's netns. The backend is the one
-the agent's ``--lb-backend auto`` picks: iptables on a kernel without IPVS; the IPVS lane
-(tests/vm/ipvs-lane.sh) runs this file again in a VM whose kernel has IPVS, where auto must
-pick ipvs (SVCNET_EXPECT_LB_BACKEND=ipvs) and the IPVS-only checks (weights while draining,
-``--drain-grace``, the sysctls) run.
+the agent's ``--lb-backend auto`` picks: iptables on this kernel. Each test starts its own
+agent and drives it with the CLI, which is too slow under the IPVS lane's emulation (an
+agent start ~60 s there): ``test_lb_agent.py`` is the agent-level file that lane runs.
 """
 
 from __future__ import annotations
@@ -17,15 +16,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
 from discovery.host import netlink
-from lb.ipvs import marks
 from tests.acceptance.test_dns import _wait
-from tests.helpers import expected_lb_backend, ipvs_sysctls, ipvs_table, metric_value, require_tools
+from tests.helpers import require_tools
 from tests.stats import assert_uniform
 
 TASK_SERVER = str(Path(__file__).resolve().parent.parent / "taskserver.py")
@@ -34,7 +31,6 @@ SOCKET_TIMEOUT = 2.0
 DROP_WAIT = 5.0  # past ARP's ~3 s to give up on an address nobody has
 THREE_TASKS = 750  # connections: enough for the chi-square check to catch an uneven split (tests/stats.py)
 FIVE_TASKS = 500
-DRAIN_GRACE = 2.0  # --drain-grace of the agent in the drain test
 
 
 @pytest.fixture(autouse=True)
@@ -123,13 +119,11 @@ def test_unhealthy_task_gets_nothing_new_while_its_connection_finishes(cli, tmp_
     flags.mkdir()
     for index in range(1, 4):
         (flags / cli.name(f"t{index}")).touch()
-    cli.start_agent("--drain-grace", str(DRAIN_GRACE))
     net, client, vip, tasks = _service_with_tasks(
         cli, 3, "10.121.0.0/24", "--health-cmd", f"test -e {flags}/$(hostname)",
         "--health-interval", "0.3", "--health-retries", "1")
     assert _wait(lambda: len(_names_seen(cli, client, vip, 30)) == 3, 10), "all three pass their checks"
     sick = cli.name("t1")
-    backend = cli.info()["lb_backend"]
 
     held = None
     for _ in range(100):  # a connection that landed on the task about to go
@@ -142,13 +136,6 @@ def test_unhealthy_task_gets_nothing_new_while_its_connection_finishes(cli, tmp_
     assert held is not None
     (flags / sick).unlink()
     assert _wait(lambda: sick not in _names_seen(cli, client, vip, 30), 5), "unhealthy: out of the VIP"
-    drained_at = time.monotonic()
-    if backend == "ipvs":  # TCP: weight 0 while the drain grace runs; UDP: out at once
-        tcp_mark, udp_mark = marks(IPv4Address(vip))
-        table = ipvs_table(cli.netns(client))
-        assert table[tcp_mark].get(tasks[sick]) == 0 and tasks[sick] not in table[udp_mark], table
-    else:
-        assert f"--to-destination {tasks[sick]}" not in _rules(cli, client, backend)
     assert next(r for r in cli.json("ps") if r["name"] == sick)["health"] == "unhealthy"
     assert re.search(rf"^{sick}\s.*\sunhealthy\s", cli.run("ps").stdout, re.M), "ps shows it"
     spread = _spread(cli, client, vip, 150)
@@ -156,35 +143,9 @@ def test_unhealthy_task_gets_nothing_new_while_its_connection_finishes(cli, tmp_
     held.sendall(b"still there\n")
     assert held.recv(64) == b"still there\n", "the established connection finishes on its task"
     held.close()
-    if backend == "ipvs":  # the agent takes the drained destination out once --drain-grace is over
-        assert _wait(lambda: tasks[sick] not in ipvs_table(cli.netns(client))[tcp_mark], DRAIN_GRACE + 3, step=0.1)
-        waited = time.monotonic() - drained_at
-        assert waited >= DRAIN_GRACE - 0.5, f"the destination went after {waited:.1f}s, before the grace"
 
     (flags / sick).touch()
     assert _wait(lambda: sick in _names_seen(cli, client, vip, 60), 5), "healthy again: back in the VIP"
-
-
-def test_auto_picks_the_kernel_backend_with_its_settings_and_metrics(cli):
-    _, client, vip, tasks = _service_with_tasks(cli, 3, "10.126.0.0/24")
-    backend = expected_lb_backend()
-    assert cli.info()["lb_backend"] == backend, "--lb-backend auto"
-    metrics = cli.metrics()
-    assert metric_value(metrics, "svcnet_lb_backend_info", backend=backend) == 1
-    assert metric_value(metrics, "svcnet_lb_vips") == 4, "one VIP in each of four sandboxes"
-    assert metric_value(metrics, "svcnet_lb_syncs_total", result="ok") >= 4
-    assert metric_value(metrics, "svcnet_lb_syncs_total", result="error", default=0) == 0
-    assert metric_value(metrics, "svcnet_lb_rules_written_total") > 0
-    if backend == "ipvs":
-        assert ipvs_sysctls(cli.netns(client)) == {"conn_reuse_mode": "0", "expire_nodest_conn": "1",
-                                                   "expire_quiescent_template": "1"}
-        tcp_mark, udp_mark = marks(IPv4Address(vip))
-        table = ipvs_table(cli.netns(client))
-        every_task = dict.fromkeys(tasks.values(), 1)
-        assert table.get(tcp_mark) == every_task and table.get(udp_mark) == every_task, table
-    else:
-        rules = _rules(cli, client, backend)
-        assert all(f"--to-destination {address}" in rules for address in tasks.values()), rules
 
 
 def test_udp_flow_leaves_a_removed_task_within_a_second(cli):

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The IPVS lane: this machine's kernel has no IPVS, so boot Debian's kernel in a VM with
 # virtme-ng (over this machine's own filesystem, so the same .venv and etcd run inside)
-# and run the load-balancer backend acceptance tests (tests/acceptance/test_lb_backend.py)
-# there with the ipvs backend. The whole agent starts far too slowly under emulation (~35 s
-# per CLI call); tests/acceptance/test_lb.py runs it on the host, with iptables.
+# and run the load-balancer acceptance tests there: the backend alone driven by the
+# agent's sync loop (tests/acceptance/test_lb_backend.py) and the whole agent with real
+# traffic (tests/acceptance/test_lb_agent.py: auto picking IPVS, the IPVS sysctls, draining
+# with --drain-grace, removal, metrics). SVCNET_EXPECT_LB_BACKEND=ipvs makes a silent
+# fallback to iptables a failure. Under emulation everything runs ~35x slower (an agent
+# start ~60 s, a CLI call ~5 s): SVCNET_TEST_TIME_SCALE stretches the tests' waits.
 # Needs: linux-image-amd64, qemu-system-x86, busybox-static, ipvsadm (apt) and virtme-ng
 # (pip, in .venv) -- scripts/install-deps.sh installs them.
 set -euo pipefail
@@ -26,8 +29,10 @@ echo "==> ipvs lane: booting $kernel under emulation (KVM fails here on an MSR)"
 # back on the console
 vng --run "$kernel" --disable-kvm --memory 2G --cpus 2 --exec "
     cd $repo && modprobe ip_vs && \
-    SVCNET_LB_BACKEND=ipvs SVCNET_ETCD_TIMEOUT=30 .venv/bin/python -m pytest -p no:cacheprovider -ra \
-        --timeout 900 tests/acceptance/test_lb_backend.py; echo svcnet-ipvs-lane-exit=\$?" 2>&1 | tee "$result"
+    SVCNET_EXPECT_LB_BACKEND=ipvs SVCNET_TEST_TIME_SCALE=8 SVCNET_ETCD_TIMEOUT=30 \
+        .venv/bin/python -m pytest -p no:cacheprovider -ra --durations=5 \
+        --timeout 900 tests/acceptance/test_lb_backend.py tests/acceptance/test_lb_agent.py; \
+    echo svcnet-ipvs-lane-exit=\$?" 2>&1 | tee "$result"
 code=$(grep -o 'svcnet-ipvs-lane-exit=[0-9]*' "$result" | tail -1 | cut -d= -f2)
 rm -f "$result"
 if [[ -z $code ]]; then

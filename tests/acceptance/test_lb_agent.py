@@ -1,0 +1,218 @@
+"""Acceptance: the whole agent's load balancing through one agent's life, with real traffic.
+
+This is the agent-level file the IPVS lane (tests/vm/ipvs-lane.sh) runs in a VM whose kernel
+has IPVS, under emulation, where an agent takes ~60 s to start and a CLI call ~5 s: so one
+agent serves the whole module, sandboxes are made through the API client from this process,
+and connections are counted in tens. On this machine (no IPVS) the same checks run against
+the iptables backend that ``auto`` picks. What only IPVS has is asserted when it is the
+backend: the sysctls in each netns, the fwmark services and their destinations, a draining
+task at weight 0 for ``--drain-grace`` and then removed. The even spread itself is checked
+with a chi-square test in test_lb.py and test_lb_backend.py.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from discovery.host import netlink
+from discovery.node.client import ApiClient
+from lb.ipvs import marks
+from tests.helpers import (
+    Cli,
+    expected_lb_backend,
+    ipvs_sysctls,
+    ipvs_table,
+    metric_value,
+    require_root,
+    require_tools,
+    time_scale,
+)
+
+TASK_SERVER = str(Path(__file__).resolve().parent.parent / "taskserver.py")
+PORT = 8080
+DRAIN_GRACE = 8.0  # the agent's --drain-grace: long enough for the checks made while draining
+SUBNET = "10.127.0"
+
+
+class Node:
+    """One agent, a network, service ``web`` with tasks t1..t3 and a client sandbox; t1 has a
+    health check on a flag file (one only: under emulation each check is a slow process)."""
+
+    def __init__(self, cli: Cli, flags: Path) -> None:
+        self.cli, self.flags = cli, flags
+        self.agent = cli.start_agent("--drain-grace", str(DRAIN_GRACE))
+        self.api = ApiClient(cli.state_dir / "agent.sock", timeout=120 * time_scale())
+        self.net = cli.name("lba")
+        cli.run("network", "create", self.net, "--subnet", f"{SUBNET}.0/24")
+        cli.run("service", "create", "web", "--network", self.net, "--publish", str(PORT))
+        self.client = cli.name("client")
+        self.api.call("POST", "/v1/sandboxes", {"name": self.client, "networks": [self.net]})
+        self.tasks: dict[str, str] = {}
+        for index in range(1, 4):
+            name = cli.name(f"t{index}")
+            (flags / name).touch()
+            spec = {"name": name, "networks": [self.net], "service": "web", "detach": True,
+                    "command": [sys.executable, TASK_SERVER, name, str(PORT)]}
+            if index == 1:
+                # 3 failures in a row, as Docker's default: under emulation a lone check was
+                # seen failing now and then (cause not found; the agent logs each change)
+                spec["health"] = {"cmd": f"test -e {flags}/{name}", "interval": 0.5, "retries": 3,
+                                  "timeout": 5 * time_scale()}
+            record = self.api.call("POST", "/v1/sandboxes", spec)
+            self.tasks[name] = record["endpoints"][0]["ipv4"]
+        self.vip = cli.json("service", "inspect", "web")["vips"][self.net]
+        self.backend = cli.info()["lb_backend"]
+        assert wait(lambda: all(r["health"] == "healthy" for r in self.records() if r["name"] in self.tasks), 30), \
+            f"every task passes its check\n{self.diagnosis()}"
+        assert wait(lambda: self.names_seen(9) == set(self.tasks), 30), f"every task serves\n{self.diagnosis()}"
+
+    def records(self) -> list[dict]:
+        return self.api.call("GET", "/v1/sandboxes")
+
+    def diagnosis(self) -> str:
+        """What a failure in the VM lane needs to be understood: sandboxes, kernel state, log."""
+        rows = [f"{r['name']} {r['status']} {r.get('health')} {r['endpoints'][0]['ipv4']}" for r in self.records()]
+        kernel = subprocess.run(["nsenter", f"--net={self.cli.netns(self.client)}", "sh", "-c",
+                                 "iptables-legacy-save; ipvsadm -Ln 2>&1; ip -4 addr; ip route"],
+                                capture_output=True, text=True).stdout
+        log = (self.cli.state_dir / "agent.log").read_text()[-4000:]
+        return "\n".join(["sandboxes:", *rows, "client netns:", kernel, "agent log (tail):", log])
+
+    def socket(self, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        with netlink.entered_netns(self.cli.netns(self.client)):
+            sock = socket.socket(socket.AF_INET, kind)
+        sock.settimeout(2 * time_scale())
+        return sock
+
+    def tcp_name(self) -> str:
+        with self.socket() as sock:
+            sock.connect((self.vip, PORT))
+            return sock.recv(64).split(b"\n")[0].decode()
+
+    def names_seen(self, count: int) -> set[str]:
+        seen = set()
+        for _ in range(count):
+            try:
+                seen.add(self.tcp_name())
+            except OSError:
+                pass
+        return seen
+
+    def ipvs(self) -> dict[int, dict[str, int]]:
+        return ipvs_table(self.cli.netns(self.client))
+
+    def dnat_rules(self) -> str:
+        return subprocess.run(["nsenter", f"--net={self.cli.netns(self.client)}", "iptables-legacy-save", "-t", "nat"],
+                              capture_output=True, text=True, check=True).stdout
+
+
+def wait(predicate, timeout: float, step: float = 0.1):
+    deadline = time.monotonic() + timeout * time_scale()
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def node(etcd, upstream, tmp_path_factory):
+    require_root()
+    require_tools("ip", "nsenter", "etcd", "iptables-legacy-save")
+    home = tmp_path_factory.mktemp("lbagent")
+    flags = home / "health"
+    flags.mkdir()
+    cli = Cli(etcd.url, "t" + secrets.token_hex(3), home / "state", upstream.address)
+    try:
+        yield Node(cli, flags)
+    finally:
+        cli.cleanup()
+
+
+def test_auto_picks_the_kernel_backend_with_its_settings_and_metrics(node):
+    backend = expected_lb_backend()
+    assert node.backend == backend, "--lb-backend auto"
+    assert all(r["health"] == "healthy" for r in node.records()), node.diagnosis()
+    metrics = node.cli.metrics()
+    assert metric_value(metrics, "svcnet_lb_backend_info", backend=backend) == 1
+    assert metric_value(metrics, "svcnet_lb_vips") == 4, "one VIP in each of four sandboxes"
+    assert metric_value(metrics, "svcnet_lb_syncs_total", result="ok") >= 4
+    assert metric_value(metrics, "svcnet_lb_syncs_total", result="error", default=0) == 0
+    assert metric_value(metrics, "svcnet_lb_rules_written_total") > 0
+    if backend == "ipvs":
+        for sandbox in (node.client, *node.tasks):
+            assert ipvs_sysctls(node.cli.netns(sandbox)) == {
+                "conn_reuse_mode": "0", "expire_nodest_conn": "1", "expire_quiescent_template": "1"}, sandbox
+        tcp_mark, udp_mark = marks(IPv4Address(node.vip))
+        every_task = dict.fromkeys(node.tasks.values(), 1)
+        table = node.ipvs()
+        assert table.get(tcp_mark) == every_task and table.get(udp_mark) == every_task, node.diagnosis()
+    else:
+        rules = node.dnat_rules()
+        assert all(f"--to-destination {address}" in rules for address in node.tasks.values()), rules
+    spread = Counter(node.tcp_name() for _ in range(60))
+    assert set(spread) == set(node.tasks), f"{spread}\n{node.diagnosis()}"
+
+
+def test_an_unhealthy_task_drains_for_the_grace_then_leaves(node):
+    sick = node.cli.name("t1")
+    address = node.tasks[sick]
+    held = None
+    for _ in range(60):  # a connection that landed on the task about to fail its check
+        sock = node.socket()
+        sock.connect((node.vip, PORT))
+        if sock.recv(64).split(b"\n")[0].decode() == sick:
+            held = sock
+            break
+        sock.close()
+    assert held is not None
+    (node.flags / sick).unlink()
+    assert wait(lambda: sick not in node.names_seen(20), 15), "unhealthy: no new connection"
+    drained_at = time.monotonic()
+    if node.backend == "ipvs":  # TCP: weight 0 while the grace runs; UDP: out at once
+        tcp_mark, udp_mark = marks(IPv4Address(node.vip))
+        table = node.ipvs()
+        assert table[tcp_mark].get(address) == 0 and address not in table[udp_mark], table
+    else:
+        assert f"--to-destination {address}" not in node.dnat_rules()
+    held.sendall(b"still there\n")
+    assert held.recv(64) == b"still there\n", "the established connection goes on while it drains"
+    held.close()
+    if node.backend == "ipvs":  # the agent removes the destination once --drain-grace is over
+        assert wait(lambda: address not in node.ipvs()[tcp_mark], DRAIN_GRACE + 5), node.ipvs()
+        waited = time.monotonic() - drained_at
+        assert waited >= DRAIN_GRACE - 1, f"the destination went after {waited:.1f}s, before the grace"
+    (node.flags / sick).touch()
+    assert wait(lambda: sick in node.names_seen(30), 15), "healthy again: back in the VIP"
+    if node.backend == "ipvs":
+        assert node.ipvs()[marks(IPv4Address(node.vip))[0]].get(address) == 1
+
+
+def test_a_removed_task_leaves_the_vip(node):
+    gone = node.cli.name("t3")
+    address = node.tasks.pop(gone)
+    node.api.call("DELETE", f"/v1/sandboxes/{gone}")
+    if node.backend == "ipvs":
+        tcp_mark, udp_mark = marks(IPv4Address(node.vip))
+        assert wait(lambda: address not in node.ipvs().get(udp_mark, {}), 5), node.ipvs()
+        assert node.ipvs()[tcp_mark].get(address, 0) == 0, "no new connection to a removed task"
+    else:
+        assert wait(lambda: f"--to-destination {address}" not in node.dnat_rules(), 5)
+    seen: Counter = Counter()
+
+    def both_serve() -> bool:
+        seen.update(node.tcp_name() for _ in range(20))
+        return set(node.tasks) <= set(seen)
+    assert wait(both_serve, 10), f"the two tasks left serve: {seen}\n{node.diagnosis()}"
+    assert gone not in seen, f"a removed task got a new connection: {seen}"
+    assert metric_value(node.cli.metrics(), "svcnet_lb_services_written_total") >= 3
