@@ -238,6 +238,18 @@ def time_scale() -> float:
     return float(os.environ.get("SVCNET_TEST_TIME_SCALE", "1"))
 
 
+def wait(predicate, timeout: float, step: float = 0.05):
+    """Poll ``predicate`` until it returns something true or ``timeout`` (times
+    SVCNET_TEST_TIME_SCALE) passes; return its last value."""
+    deadline = time.monotonic() + timeout * time_scale()
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
 def metric_value(text: str, name: str, default: float | None = None, **labels: str) -> float:
     """The value of the sample ``name{labels}`` in Prometheus text (exactly those labels).
 

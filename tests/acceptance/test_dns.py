@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import OUTSIDE_ADDRESS, OUTSIDE_NAME
 from tests.helpers import require_tools
+from tests.helpers import wait as _wait
 
 
 @pytest.fixture(autouse=True)
@@ -48,16 +49,6 @@ def _answers(output: str) -> list[tuple[str, int, str, str]]:
 def _ip(cli, sandbox: str, index: int = 0, family: str = "ipv4") -> str:
     record = next(r for r in cli.json("ps") if r["name"] == sandbox)
     return record["endpoints"][index][family]
-
-
-def _wait(predicate, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 def test_names_services_ptr_srv_nodata_and_flags(cli, upstream):

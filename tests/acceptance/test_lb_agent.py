@@ -35,6 +35,7 @@ from tests.helpers import (
     require_root,
     require_tools,
     time_scale,
+    wait,
 )
 
 TASK_SERVER = str(Path(__file__).resolve().parent.parent / "taskserver.py")
@@ -113,16 +114,6 @@ class Node:
     def dnat_rules(self) -> str:
         return subprocess.run(["nsenter", f"--net={self.cli.netns(self.client)}", "iptables-legacy-save", "-t", "nat"],
                               capture_output=True, text=True, check=True).stdout
-
-
-def wait(predicate, timeout: float, step: float = 0.1):
-    deadline = time.monotonic() + timeout * time_scale()
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
