@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "every local sandbox. The CLI starts it on demand (passing the SVCNET_* environment on).")
     p.add_argument("--lease-ttl", type=int, default=defaults.LEASE_TTL,
                    help="seconds a dead agent's endpoints stay in the registry (default %(default)s)")
-    _resolver_options(p, default_metrics=os.environ.get("SVCNET_METRICS_ADDR", DEFAULT_METRICS_ADDR))
+    _resolver_options(p, "SVCNET_METRICS_ADDR", DEFAULT_METRICS_ADDR)
     _lb_options(p)
 
     p = _command(top, "sidecar", "register one existing netns and answer its DNS (one process per sandbox)",
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ip", help="IPv4 address on the first network")
     p.add_argument("--lease-ttl", type=int, default=defaults.LEASE_TTL,
                    help="seconds this sandbox's names outlive a killed sidecar (default %(default)s)")
-    _resolver_options(p, default_metrics=os.environ.get("SVCNET_SIDECAR_METRICS_ADDR", ""))
+    _resolver_options(p, "SVCNET_SIDECAR_METRICS_ADDR", "")
     _lb_options(p)
     return parser
 
@@ -219,7 +219,7 @@ def _lb_options(parser: argparse.ArgumentParser) -> None:
 DEFAULT_METRICS_ADDR = defaults.METRICS_ADDR
 
 
-def _resolver_options(parser: argparse.ArgumentParser, default_metrics: str) -> None:
+def _resolver_options(parser: argparse.ArgumentParser, metrics_env: str, metrics_default: str) -> None:
     group = parser.add_argument_group(
         "resolver", "DNS on 127.0.0.11:53. Local names answer from memory; everything else is forwarded.")
     upstream_env = [u for u in os.environ.get("SVCNET_UPSTREAM", "").split(",") if u]
@@ -245,9 +245,9 @@ def _resolver_options(parser: argparse.ArgumentParser, default_metrics: str) -> 
     group.add_argument("--ttl-negative", type=int, default=defaults.TTL_NEGATIVE, metavar="SECONDS",
                        help="TTL of NODATA/NXDOMAIN: a name about to appear must not stay hidden "
                             "(default %(default)s)")
-    group.add_argument("--metrics-addr", default=default_metrics, metavar="HOST:PORT",
+    group.add_argument("--metrics-addr", default=os.environ.get(metrics_env, metrics_default), metavar="HOST:PORT",
                        help="serve Prometheus metrics here; '' turns them off; port 0 picks one "
-                            f"(env SVCNET_METRICS_ADDR; default {default_metrics or 'off'})")
+                            f"(env {metrics_env}; default {metrics_default or 'off'})")
 
 
 def _resolver_config(args):

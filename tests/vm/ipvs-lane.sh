@@ -8,7 +8,7 @@
 # fallback to iptables a failure. Under emulation everything runs ~35x slower (an agent
 # start ~60 s, a CLI call ~5 s): SVCNET_TEST_TIME_SCALE stretches the tests' waits.
 # Needs: linux-image-amd64, qemu-system-x86, busybox-static, ipvsadm (apt) and virtme-ng
-# (pip, in .venv) -- scripts/install-deps.sh installs them.
+# (pip, in .venv) -- scripts/install-deps.sh --with-vm-lane installs them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
