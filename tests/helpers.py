@@ -277,6 +277,13 @@ def metric_value(text: str, name: str, default: float | None = None, **labels: s
     raise AssertionError(f"no sample {name}{dict(wanted) or ''} in the metrics; samples of {name}: {seen or 'none'}")
 
 
+def nat_rules(netns: str) -> str:
+    """`iptables-legacy-save -t nat` inside ``netns`` (a path: /run/netns/NAME, a pin): the
+    table svcnet's iptables backend writes its VIP rules to."""
+    return subprocess.run(["nsenter", f"--net={netns}", "iptables-legacy-save", "-t", "nat"],
+                          capture_output=True, text=True, check=True).stdout
+
+
 def ipvs_table(netns: str) -> dict[int, dict[str, int]]:
     """fwmark -> destination address -> weight, from `ipvsadm -Sn` inside ``netns``.
 

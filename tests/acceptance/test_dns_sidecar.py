@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.acceptance.test_dns import _status, _wait
-from tests.helpers import require_tools
+from tests.helpers import nat_rules, require_tools
 
 
 @pytest.fixture(autouse=True)
@@ -42,11 +42,6 @@ def _network_with_client(cli, suffix: str, subnet: str) -> tuple[str, str]:
     cli.run("network", "create", net, "--subnet", subnet)
     cli.run("run", "-d", "--name", client, "--network", net)
     return net, client
-
-
-def _nat_rules(netns: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", netns, "iptables-legacy-save", "-t", "nat"], capture_output=True,
-                          text=True, check=True).stdout
 
 
 def _stop(process: subprocess.Popen, sig=signal.SIGTERM) -> int:
@@ -86,9 +81,9 @@ def test_sidecar_sigterm_deregisters_at_once(cli):
     sidecar = _sidecar(cli, netns, "job", net, "--lease-ttl", "30")
     try:
         assert _wait(lambda: cli.short(client, "job"), 10, step=0.2)
-        assert f"-d {vip}/32" in _nat_rules(netns), "the sidecar programs the netns's VIPs too"
+        assert f"-d {vip}/32" in nat_rules(f"/run/netns/{netns}"), "the sidecar programs the netns's VIPs too"
         assert _stop(sidecar) == 0
-        assert "SVCNET" not in _nat_rules(netns), "and takes its rules out of a netns it does not own"
+        assert "SVCNET" not in nat_rules(f"/run/netns/{netns}"), "and takes its rules out of a netns it does not own"
         assert _status(cli.dig(client, "job")) == "NXDOMAIN", "deregistered before exiting, not after 30 s"
         links = subprocess.run(["ip", "-n", netns, "-o", "link"], capture_output=True, text=True).stdout
         assert "eth0" not in links, "and detached from the netns"

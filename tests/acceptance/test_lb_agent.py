@@ -32,6 +32,7 @@ from tests.helpers import (
     ipvs_sysctls,
     ipvs_table,
     metric_value,
+    nat_rules,
     require_root,
     require_tools,
     time_scale,
@@ -112,8 +113,7 @@ class Node:
         return ipvs_table(self.cli.netns(self.client))
 
     def dnat_rules(self) -> str:
-        return subprocess.run(["nsenter", f"--net={self.cli.netns(self.client)}", "iptables-legacy-save", "-t", "nat"],
-                              capture_output=True, text=True, check=True).stdout
+        return nat_rules(self.cli.netns(self.client))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import pytest
 from discovery.procs import pid_alive
 from discovery.state import snapshot
 from discovery.state.model import Network, Service
-from tests.helpers import Cli, TcpProxy, require_root, require_tools
+from tests.helpers import Cli, TcpProxy, nat_rules, require_root, require_tools
 
 
 @pytest.fixture(autouse=True)
@@ -54,8 +54,13 @@ def wait_until(predicate, timeout: float, what: str, every: float = 0.05) -> flo
 
 
 def dig_short(cli: Cli, sandbox: str, name: str, qtype: str = "A", wait: int = 1) -> list[str]:
-    result = subprocess.run(["nsenter", f"--net={cli.netns(sandbox)}", "dig", "@127.0.0.11", "+tries=1",
-                             f"+time={wait}", "+short", name, qtype], capture_output=True, text=True, timeout=10)
+    return dig_short_in(cli.netns(sandbox), name, qtype, wait)
+
+
+def dig_short_in(netns: str | Path, name: str, qtype: str = "A", wait: int = 1) -> list[str]:
+    """The answers of `dig +short` at 127.0.0.11 inside ``netns`` (a path), sorted."""
+    result = subprocess.run(["nsenter", f"--net={netns}", "dig", "@127.0.0.11", "+tries=1", f"+time={wait}",
+                             "+short", name, qtype], capture_output=True, text=True, timeout=10)
     return sorted(line for line in result.stdout.splitlines() if line and not line.startswith(";"))
 
 
@@ -389,18 +394,7 @@ def test_sidecar_pins_its_netns_at_once_even_with_etcd_down(own_cli, own_etcd):
     assert not _mounted(pin), "SIGTERM released the pin"
 
 
-def dig_short_in(netns_path: Path, name: str) -> list[str]:
-    result = subprocess.run(["nsenter", f"--net={netns_path}", "dig", "@127.0.0.11", "+tries=1", "+time=1", "+short",
-                             name], capture_output=True, text=True, timeout=10)
-    return sorted(line for line in result.stdout.splitlines() if line and not line.startswith(";"))
-
-
 # ---- commands that exit, and restart policies -------------------------------------------------
-
-
-def _nat_rules(cli: Cli, sandbox: str) -> str:
-    return subprocess.run(["nsenter", f"--net={cli.netns(sandbox)}", "iptables-legacy-save", "-t", "nat"],
-                          capture_output=True, text=True, check=True).stdout
 
 
 def test_exited_task_leaves_answers_and_vip_within_a_second_and_ps_shows_its_code(cli, tmp_path):
@@ -413,9 +407,9 @@ def test_exited_task_leaves_answers_and_vip_within_a_second_and_ps_shows_its_cod
     cli.run("run", "-d", "--name", client, "--network", net)
     address = cli.json("ps")[[r["name"] for r in cli.json("ps")].index(task)]["endpoints"][0]["ipv4"]
     assert dig_short(cli, client, "tasks.job") == [address]
-    assert f"--to-destination {address}" in _nat_rules(cli, client), "the task is a VIP backend"
+    assert f"--to-destination {address}" in nat_rules(cli.netns(client)), "the task is a VIP backend"
     wait_until(lambda: dig_short(cli, client, "tasks.job") == [] and
-               f"--to-destination {address}" not in _nat_rules(cli, client), 10,
+               f"--to-destination {address}" not in nat_rules(cli.netns(client)), 10,
                "task out of answers and VIP backends", every=0.02)
     gone_at = time.time()
     took = gone_at - float(stamp.read_text())
@@ -496,7 +490,7 @@ def test_unparsable_value_is_logged_once_and_the_last_good_version_stays(cli):
     cli.run("service", "create", "web", "--network", net)
     cli.run("run", "-d", "--name", client, "--network", net)
     vip = cli.json("service", "inspect", "web")["vips"][net]
-    assert f"-d {vip}/32" in _nat_rules(cli, client)
+    assert f"-d {vip}/32" in nat_rules(cli.netns(client))
     bridge = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True).stdout
     service_key, network_key = f"{cli.prefix}/services/web", f"{cli.prefix}/networks/{net}"
     etcdctl(cli, "put", service_key, "{not json")
@@ -505,7 +499,7 @@ def test_unparsable_value_is_logged_once_and_the_last_good_version_stays(cli):
     cli.run("network", "create", cli.name("other"), "--subnet", "10.181.0.0/24")  # more View changes
     time.sleep(0.5)
     assert dig_short(cli, client, "web") == [vip], "a bad service value deleted its names"
-    assert f"-d {vip}/32" in _nat_rules(cli, client), "a bad service value deleted the VIP's rules"
+    assert f"-d {vip}/32" in nat_rules(cli.netns(client)), "a bad service value deleted the VIP's rules"
     assert subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True,
                           text=True).stdout.count("svbr") >= bridge.count("svbr"), "a bad network value removed its bridge"
     assert subprocess.run(["nsenter", f"--net={cli.netns(client)}", "ping", "-c1", "-W1", "10.180.0.1"],
