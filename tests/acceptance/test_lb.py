@@ -121,7 +121,9 @@ def test_unhealthy_task_gets_nothing_new_while_its_connection_finishes(cli, tmp_
         (flags / cli.name(f"t{index}")).touch()
     net, client, vip, tasks = _service_with_tasks(
         cli, 3, "10.121.0.0/24", "--health-cmd", f"test -e {flags}/$(hostname)",
-        "--health-interval", "0.3", "--health-retries", "1")
+        # Fast checks, but each may take 10 s and a lone failure is forgiven: on a loaded CI
+        # machine a 1 s limit once failed a healthy task and took it out of the spread below.
+        "--health-interval", "0.3", "--health-retries", "2", "--health-timeout", "10")
     assert _wait(lambda: len(_names_seen(cli, client, vip, 30)) == 3, 10), "all three pass their checks"
     sick = cli.name("t1")
 
