@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "every local sandbox. The CLI starts it on demand (passing the SVCNET_* environment on).")
     p.add_argument("--lease-ttl", type=int, default=defaults.LEASE_TTL,
                    help="seconds a dead agent's endpoints stay in the registry (default %(default)s)")
+    p.add_argument("--docker", nargs="?", const="on", default=os.environ.get("SVCNET_DOCKER", "off"),
+                   metavar="off|on|URL",
+                   help="serve Docker containers labelled svcnet.networks=NET[,NET] (and svcnet.service, "
+                        "svcnet.aliases, svcnet.hostname, svcnet.name): each gets a veth on those networks, "
+                        "its names registered and 127.0.0.11 answered inside it. Run them with "
+                        "network_mode: none and dns: [127.0.0.11], or dockerd answers 127.0.0.11 itself. "
+                        "'on' is unix:///var/run/docker.sock (env SVCNET_DOCKER; default %(default)s)")
     _resolver_options(p, "SVCNET_METRICS_ADDR", DEFAULT_METRICS_ADDR)
     _lb_options(p)
 
@@ -620,7 +627,14 @@ def _node_options(args):
         resolver=_resolver_config(args), metrics_addr=_metrics_address(args),
         metrics_addr_explicit=args.metrics_addr not in (DEFAULT_METRICS_ADDR, ""),
         lb_backend=args.lb_backend, drain_grace=args.drain_grace,
+        docker=_docker_url(getattr(args, "docker", "off")),
     )
+
+
+def _docker_url(choice: str) -> str | None:
+    from discovery.node.docker import engine_url
+
+    return engine_url(choice)
 
 
 def cmd_agent(args) -> int:

@@ -109,6 +109,9 @@ def sync(prefix: str, networks: Iterable[Network]) -> bool:
 
 def remove(prefix: str) -> None:
     """Delete svcnet's chains for ``prefix`` and the jumps to them."""
+    from . import docker_forward
+
+    docker_forward.remove(chain_names(prefix)[0])
     for table_name, parent, chain_name in zip(("filter", "nat"), ("FORWARD", "POSTROUTING"), chain_names(prefix), strict=False):
         with LOCK:
             table = fresh_table(table_name)

@@ -79,6 +79,7 @@ _SPEC_TYPES = {
     "aliases": (list, "a list of strings"), "hostname": (str, "a string"), "ip": (str, "a string"),
     "netns": (str, "a string"), "command": (list, "a list of strings"), "detach": (bool, "true or false"),
     "health": (dict, "an object with cmd, interval and retries"), "restart": (str, "a string"),
+    "docker_id": (str, "a string"), "external_health": (bool, "true or false"),
 }
 
 
@@ -97,6 +98,8 @@ class SandboxSpec:
     detach: bool = False
     health: dict | None = None  # HealthSpec fields: cmd, interval, retries
     restart: str = "no"  # no | on-failure[:N] | always | unless-stopped, as Docker
+    docker_id: str | None = None  # a Docker container's netns: the engine, not svcnet, runs it
+    external_health: bool = False  # someone else reports health (Docker's HEALTHCHECK): start "starting"
 
     @classmethod
     def from_dict(cls, data: dict) -> SandboxSpec:
@@ -140,6 +143,8 @@ class SandboxRecord:
     restart: str = "no"
     restarts: int = 0
     source_netns: str | None = None  # the path a foreign netns was given as, before pinning
+    docker_id: str | None = None  # the Docker container this sandbox is (pid: its init process)
+    external_health: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> SandboxRecord:
@@ -148,8 +153,14 @@ class SandboxRecord:
 
     @property
     def exited(self) -> bool:
-        """A command was started and has ended (its endpoints are out of answers and VIPs)."""
-        return bool(self.command) and self.exit_code is not None
+        """A command (or a Docker container) was started and has ended: its endpoints are
+        out of answers and VIPs, its addresses still held."""
+        return (bool(self.command) or self.docker_id is not None) and self.exit_code is not None
+
+    @property
+    def detached(self) -> bool:
+        """A stopped Docker container: its netns is gone, there is nothing to serve until it starts."""
+        return self.docker_id is not None and self.exit_code is not None
 
     def status(self) -> str:
         if self.pid is None:
@@ -193,11 +204,30 @@ class SandboxManager:
             except (ValueError, TypeError) as exc:
                 log.warning("skipping unreadable sandbox record path=%s error=%s", path, exc)
                 continue
-            if not netns.netns_exists(record.netns):
+            if record.docker_id is not None and not self._repin_container(record):
+                log.warning("container is gone, dropping its sandbox sandbox=%s", record.name)
+                shutil.rmtree(path.parent, ignore_errors=True)
+                continue
+            if not record.detached and not netns.netns_exists(record.netns):
                 log.warning("sandbox netns is gone, dropping it sandbox=%s netns=%s", record.name, record.netns)
                 shutil.rmtree(path.parent, ignore_errors=True)
                 continue
             self.records[record.name] = record
+
+    def _repin_container(self, record: SandboxRecord) -> bool:
+        """A Docker container's pin lives in the mount namespace that made it: an agent that
+        runs in a container loses its pins with that container. The init process, known by PID
+        and start time, still holds the same netns: pin it again. False if nothing to keep."""
+        if record.detached or _pin_alive(record.netns):
+            return True
+        if record.pid is None or not pid_alive(record.pid, record.pid_start):
+            return False
+        try:
+            pin_netns(f"/proc/{record.pid}/ns/net", record.netns)
+        except ValidationError as exc:
+            log.warning("cannot pin the container's netns again sandbox=%s error=%s", record.name, exc)
+            return False
+        return True
 
     def _save(self, record: SandboxRecord) -> None:
         directory = self.root / record.name
@@ -304,7 +334,7 @@ class SandboxManager:
                 container=name, networks=tuple(networks), node=self.node,
                 hostname=spec.hostname or name, aliases=tuple(spec.aliases), service=spec.service,
                 addresses=((networks[0], spec.ip),) if spec.ip else (), netns=path,
-                health="starting" if health_check else "healthy",
+                health="starting" if health_check or spec.external_health else "healthy",
             )
             try:
                 endpoints = await self.registry.register_sandbox(request, lease)
@@ -318,6 +348,7 @@ class SandboxManager:
                 networks=networks, attachments=[], endpoints=[e.to_dict() for e in endpoints],
                 service=request.service, aliases=list(request.aliases), command=list(spec.command),
                 health_check=health_check, health=request.health, restart=spec.restart, source_netns=source,
+                docker_id=spec.docker_id, external_health=spec.external_health,
             )
             try:
                 await asyncio.to_thread(self._build, record, endpoints, network_objects)
@@ -347,7 +378,9 @@ class SandboxManager:
                 ipv6=str(endpoint.ipv6) if endpoint.ipv6 else None,
                 prefixlen6=network.subnet6.prefixlen if network.subnet6 else None,
             )
-            first = index == 0 and record.owns_netns
+            # the default route: in a netns of our own, or a Docker container's (network_mode
+            # none: svcnet is all the network it has); never in someone else's sidecar netns
+            first = index == 0 and (record.owns_netns or record.docker_id is not None)
             _netlink().attach(record.netns, bridge, attachment,
                            str(network.gateway) if first and not network.internal else None,
                            str(network.gateway6) if first and network.gateway6 and not network.internal else None)
@@ -391,6 +424,8 @@ class SandboxManager:
         for record in self.records.values():
             if record.pid is None or record.exit_code is not None or record.name in self._removing:
                 continue
+            if record.docker_id is not None:  # the engine's events say when a container ends
+                continue
             process = self._processes.get(record.name)
             if process is not None:
                 if process.poll() is None:
@@ -429,20 +464,69 @@ class SandboxManager:
 
     async def _teardown(self, record: SandboxRecord) -> None:
         """Undo everything create() did; safe on a half-built sandbox."""
-        if record.pid is not None and record.exit_code is None and pid_alive(record.pid, record.pid_start):
+        if (record.docker_id is None and record.pid is not None and record.exit_code is None
+                and pid_alive(record.pid, record.pid_start)):
             await _terminate(record.pid)
         self._processes.pop(record.name, None)
         await self.registry.deregister_sandbox(record.name, record.networks, self.node)
         await asyncio.to_thread(self._unbuild, record)
 
     def _unbuild(self, record: SandboxRecord) -> None:
+        self._unplug(record)
+        shutil.rmtree(self.root / record.name, ignore_errors=True)
+
+    def _unplug(self, record: SandboxRecord) -> None:
+        """Remove the sandbox's veths and its netns (ours) or pin (someone else's)."""
         for network in record.networks:
             _netlink().remove_link(_netlink().host_veth_name(record.netns, network))
         if record.owns_netns:
             _netlink().remove_netns(os.path.basename(record.netns))
         elif record.source_netns is not None:
             unpin_netns(record.netns)
-        shutil.rmtree(self.root / record.name, ignore_errors=True)
+        record.attachments = []
+
+    # ---- Docker containers: stopped and started again, same names and addresses ----------
+
+    def note_container(self, name: str, pid: int) -> None:
+        """Record the container's init process (``svcnet ps`` shows it running while it lives)."""
+        record = self.get(name)
+        record.pid, record.pid_start, record.started_at = pid, start_time(pid), time.time()
+        self._save(record)
+
+    async def detach(self, name: str, exit_code: int) -> SandboxRecord:
+        """The container stopped: unplug it and let its netns go, keep its registration (as
+        exited, out of answers and VIPs) so a restart gets the same addresses."""
+        async with self._lock:
+            record = self.get(name)
+            if record.detached:
+                return record
+            await asyncio.to_thread(self._unplug, record)
+            record.exit_code = exit_code
+            self._save(record)
+        log.info("container stopped, sandbox detached sandbox=%s code=%s", name, exit_code)
+        return record
+
+    async def reattach(self, name: str, pid: int, networks: dict[str, Network]) -> SandboxRecord:
+        """The container started (again): a new netns, plugged with the addresses it holds."""
+        async with self._lock:
+            record = self.get(name)
+            if record.attachments:
+                await asyncio.to_thread(self._unplug, record)
+            source = f"/proc/{pid}/ns/net"
+            await asyncio.to_thread(pin_netns, source, record.netns)
+            record.source_netns = source
+            endpoints = [Endpoint.from_dict(e) for e in record.endpoints]
+            try:
+                await asyncio.to_thread(self._build, record, endpoints, networks)
+            except BaseException:
+                await asyncio.to_thread(self._unplug, record)
+                raise
+            record.exit_code = None
+            record.health = "starting" if record.external_health else "healthy"
+            record.pid, record.pid_start, record.started_at = pid, start_time(pid), time.time()
+            self._save(record)
+        log.info("container started, sandbox attached sandbox=%s pid=%d", name, pid)
+        return record
 
 
 async def _terminate(pid: int, grace: float = 5.0) -> None:
@@ -484,6 +568,14 @@ def pin_netns(source: str, pin: str) -> None:
         Path(pin).unlink(missing_ok=True)
         raise ValidationError(f"cannot pin network namespace {source!r}: {os.strerror(err)}; "
                               "give /proc/PID/ns/net of a running process or /run/netns/NAME")
+
+
+def _pin_alive(pin: str) -> bool:
+    """True if ``pin`` is a netns bind mount (not the empty file left when the mount is gone)."""
+    try:
+        return os.stat(pin).st_dev != os.stat(os.path.dirname(pin)).st_dev
+    except OSError:
+        return False
 
 
 def unpin_netns(pin: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 import time
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from .runtime import NodeOptions, NodeRuntime
 
 log = logging.getLogger(__name__)
 
+DOCKER_RECHECK = 10.0  # seconds between checks that dockerd's FORWARD policy lets svcnet through
+
 
 class HostSync:
     """Converge bridges and firewall rules to the View's networks, coalescing changes."""
@@ -37,6 +40,12 @@ class HostSync:
         self._applied: dict = {}
         self.syncs = 0
         self.last_duration = 0.0
+        self._docker_due = False
+
+    def recheck_docker(self) -> None:
+        """Check dockerd's FORWARD chain now (the Docker engine just appeared)."""
+        self._docker_due = True
+        self._dirty.set()
 
     def on_view(self, view: View) -> None:
         self._latest = view
@@ -44,10 +53,16 @@ class HostSync:
 
     async def run(self) -> None:
         while True:
-            await self._dirty.wait()
+            try:  # now and then even without news: a dockerd started later needs our rules
+                await asyncio.wait_for(self._dirty.wait(), DOCKER_RECHECK)
+            except TimeoutError:
+                self._docker_due = True
             self._dirty.clear()
             view = self._latest
             if view is None or dict(view.networks) == self._applied:
+                if self._docker_due and self._applied:
+                    self._docker_due = False
+                    await asyncio.to_thread(self._apply_docker, self._applied)
                 continue
             started = time.perf_counter()
             try:
@@ -74,7 +89,16 @@ class HostSync:
                 netlink.remove_link(bridge.ifname)
                 log.info("bridge removed network=%s bridge=%s", name, bridge.ifname)
         firewall.sync(self.prefix, networks.values())
+        self._apply_docker(networks)
         self._applied = networks
+
+    def _apply_docker(self, networks: dict) -> None:
+        from discovery.host import docker_forward, firewall
+
+        try:
+            docker_forward.sync(self.prefix, firewall.chain_names(self.prefix)[0], networks.values())
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("cannot check dockerd's forward chain error=%s", exc)
 
 
 def _enable_forwarding() -> None:
@@ -94,6 +118,7 @@ class AgentSandboxes:
         self.home = options.state_dir
         self.socket_path = options.state_dir / "agent.sock"
         self.host_sync = HostSync(options.prefix)
+        self.docker_url = options.docker
 
     def attach(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
@@ -109,6 +134,10 @@ class AgentSandboxes:
         api.route("GET", "/v1/sandboxes/(?P<name>[^/]+)", self._get)
         api.route("DELETE", "/v1/sandboxes/(?P<name>[^/]+)", self._remove)
         _enable_forwarding()
+        if self.docker_url is not None:
+            from .docker import DockerContainers
+
+            DockerContainers(self.docker_url, on_connect=self.host_sync.recheck_docker).attach(runtime)
 
     async def register(self, runtime: NodeRuntime, lease: int) -> None:
         node = Node(runtime.options.node, runtime.started_at, __version__)

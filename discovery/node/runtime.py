@@ -69,6 +69,7 @@ class NodeOptions:
     metrics_addr_explicit: bool = False  # a busy default port is a warning, a busy chosen one an error
     lb_backend: str = defaults.LB_BACKEND  # auto | ipvs | iptables
     drain_grace: float = defaults.DRAIN_GRACE  # IPVS: seconds a removed task keeps its established connections
+    docker: str | None = None  # the Docker engine's URL: serve its labelled containers (agent only)
 
 
 class SandboxSource(Protocol):
@@ -242,7 +243,7 @@ class NodeRuntime:
         self.resolver = Resolver(options.resolver, self.metrics)
         self.dns = SandboxResolvers(self.resolver)
         self.lb = _LbPending()
-        self.health = HealthChecker(self._report_health)
+        self.health = HealthChecker(self.report_health)
         self.sandboxes = SandboxManager(self.registry, keys.prefix, options.node, self.source.home)
         self.lease = LeaseKeeper(self.client, options.lease_ttl, self._on_new_lease)
         self.watcher.hold_first_list(self.lease.reasserted.wait, FIRST_LIST_HOLD)
@@ -368,6 +369,8 @@ class NodeRuntime:
         return clear
 
     async def _serve_dns(self, record: SandboxRecord) -> bool:
+        if record.detached:  # a stopped container: no netns to serve until it starts again
+            return True
         try:
             return await self.dns.serve(record)
         except Exception as exc:  # one broken sandbox must not stop DNS for the others
@@ -375,6 +378,8 @@ class NodeRuntime:
             return False
 
     def _serve_lb_and_health(self, record: SandboxRecord) -> None:
+        if record.detached:
+            return
         self.lb.add(record.name, record.netns, record.networks, foreign=not record.owns_netns)
         if record.health_check and not record.exited:
             spec = HealthSpec(**record.health_check)
@@ -391,7 +396,7 @@ class NodeRuntime:
     async def current_lease(self) -> int:
         return await self.lease.current(LEASE_WAIT)
 
-    async def _report_health(self, name: str, health: str) -> None:
+    async def report_health(self, name: str, health: str) -> None:
         await self.sandboxes.set_health(name, health, await self.current_lease())
 
     async def _on_new_lease(self, lease: int) -> None:
@@ -403,7 +408,7 @@ class NodeRuntime:
         if register is not None:
             await register(self, lease)
 
-    async def _publish(self, name: str) -> None:
+    async def publish(self, name: str) -> None:
         """Write a sandbox's state to the registry; with etcd down the next lease re-asserts it."""
         try:
             await self.sandboxes.publish(name, await self.current_lease())
@@ -416,7 +421,7 @@ class NodeRuntime:
         while True:
             for record in self.sandboxes.poll_exits():
                 self.health.stop(record.name)
-                await self._publish(record.name)
+                await self.publish(record.name)
                 if should_restart(record.restart, record.exit_code, record.restarts):
                     delay = restart_delay(record.restarts)
                     log.info("sandbox restarting sandbox=%s policy=%s in_s=%.1f", record.name, record.restart, delay)
@@ -432,7 +437,7 @@ class NodeRuntime:
             return
         record.health = "starting" if record.health_check else "healthy"
         self.sandboxes.restart(record)
-        await self._publish(name)
+        await self.publish(name)
         await self.serve(record)
 
     # ---- API and metrics ---------------------------------------------------------------
