@@ -202,7 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "SIGTERM deregisters and detaches; if the process is killed, its names vanish when the "
                      "lease (--lease-ttl) runs out.")
     p.add_argument("--netns", required=True, metavar="PATH|NAME",
-                   help="the netns: /proc/PID/ns/net, /run/netns/NAME, or NAME under /run/netns")
+                   help="the netns: /proc/PID/ns/net, /run/netns/NAME, or NAME under /run/netns; "
+                        "/proc/self/ns/net with --host-netns when the sidecar runs inside it")
+    p.add_argument("--host-netns", metavar="PATH|parent",
+                   help="run in this netns (where svcnet's bridges and etcd are) after taking --netns: for a "
+                        "sidecar container sharing its app's netns (compose network_mode: service:APP with "
+                        "pid: host). 'parent': the netns of the nearest parent process outside --netns (the "
+                        "container runtime's shim, in the host's)")
     _sandbox_options(p)
     p.add_argument("--hostname", help="hostname to register (default: --name)")
     p.add_argument("--ip", help="IPv4 address on the first network")
@@ -652,6 +658,11 @@ def cmd_sidecar(args) -> int:
     path = netns.netns_path(args.netns)
     if not netns.netns_exists(path):
         raise SvcnetError(f"network namespace {path!r} does not exist; give /proc/PID/ns/net of the container")
+    if args.host_netns:
+        try:
+            path = netns.leave_for(path, args.host_netns)
+        except OSError as exc:
+            raise SvcnetError(f"--host-netns: {exc}") from None
     spec = SidecarSpec(path, args.name, tuple(args.network), args.service, tuple(args.alias), args.hostname, args.ip)
     return run_sidecar(_node_options(args), spec)
 

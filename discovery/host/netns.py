@@ -54,3 +54,47 @@ def entered_netns(path: str) -> Iterator[None]:
             _setns(own)
     finally:
         os.close(own)
+
+
+def leave_for(path: str, host: str) -> str:
+    """Hold the netns at ``path`` open, then move this (still single-threaded) process into
+    ``host``; returns a path that names the held netns from there on (``/proc/PID/fd/N``).
+
+    For a sidecar that starts inside the netns it serves (compose ``network_mode:
+    service:APP``) but must make veths and reach etcd in the host's.
+    """
+    import threading
+
+    if threading.active_count() != 1:
+        raise RuntimeError("leave_for() must run before any thread starts: setns moves only the calling thread")
+    held = os.open(path, os.O_RDONLY)  # kept open for the process's life
+    if host == "parent":
+        host = _ancestor_netns(path)
+    try:
+        target = os.open(host, os.O_RDONLY)
+    except OSError as exc:
+        os.close(held)
+        raise FileNotFoundError(f"cannot open the host netns {host!r}: {exc.strerror}") from None
+    try:
+        _setns(target)
+    finally:
+        os.close(target)
+    return f"/proc/{os.getpid()}/fd/{held}"
+
+
+def _ancestor_netns(path: str) -> str:
+    """The netns of the nearest ancestor process that is not in ``path``'s: for a container
+    with pid: host, its runtime shim's, which is the host's (/proc/1 may not be readable)."""
+    inside = os.stat(path).st_ino
+    pid = os.getppid()
+    while pid > 1:
+        candidate = f"/proc/{pid}/ns/net"
+        try:
+            if os.stat(candidate).st_ino != inside:
+                return candidate
+            with open(f"/proc/{pid}/stat") as stat:
+                pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            break
+    raise FileNotFoundError("no parent process in another netns: a sidecar container needs pid: host "
+                            "(or give --host-netns /proc/PID/ns/net of a process in the host's netns)")

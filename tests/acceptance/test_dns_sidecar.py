@@ -102,3 +102,24 @@ def test_sidecar_refuses_a_netns_whose_127_0_0_11_is_redirected_like_dockers(cli
     output = (cli.state_dir.parent / "sidecar-dock.log").read_text()
     assert code != 0 and "Docker's embedded DNS" in output, output
     assert _status(cli.dig(client, "dock")) == "NXDOMAIN", "nothing left registered"
+
+
+def test_sidecar_started_inside_the_netns_it_serves(cli):
+    """As a compose sidecar (network_mode: service:APP, pid: host): it starts in the app's
+    netns, takes it as /proc/self/ns/net, and moves itself to the host's for its veths and etcd."""
+    net, client = _network_with_client(cli, "inside", "10.96.0.0/24")
+    netns = _foreign_netns(cli, "app")
+    log = open(cli.state_dir.parent / "sidecar-inside.log", "wb")
+    sidecar = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "discovery.cli", "sidecar",
+                                "--netns", "/proc/self/ns/net", "--host-netns", "parent",
+                                "--name", "app", "--network", net], env=cli.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert _wait(lambda: cli.short(client, "app"), 10, step=0.2), (cli.state_dir.parent / "sidecar-inside.log").read_text()
+        address = cli.short(client, "app")[0]
+        assert address in subprocess.run(["ip", "-n", netns, "-o", "addr"], capture_output=True, text=True).stdout
+        assert '"svcnet"' in _dig_in(netns, "+short", "TXT", "probe.svcnet.internal")
+        assert _dig_in(netns, "+short", client).split() == cli.short(client, client)
+        assert _stop(sidecar) == 0
+        assert _wait(lambda: not cli.short(client, "app"), 5), "deregistered on SIGTERM"
+    finally:
+        _stop(sidecar, signal.SIGKILL)
