@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "its names registered and 127.0.0.11 answered inside it. Run them with "
                         "network_mode: none and dns: [127.0.0.11], or dockerd answers 127.0.0.11 itself. "
                         "'on' is unix:///var/run/docker.sock (env SVCNET_DOCKER; default %(default)s)")
+    p.add_argument("--remove-on-exit", action="store_true",
+                   default=os.environ.get("SVCNET_REMOVE_ON_EXIT", "") not in ("", "0", "false"),
+                   help="on SIGTERM remove every sandbox of this agent, its bridges and firewall rules, as "
+                        "for an agent that comes and goes with a compose project (env SVCNET_REMOVE_ON_EXIT). "
+                        "Without it sandboxes outlive the agent and are served again when it restarts")
     _resolver_options(p, "SVCNET_METRICS_ADDR", DEFAULT_METRICS_ADDR)
     _lb_options(p)
 
@@ -634,6 +639,7 @@ def _node_options(args):
         metrics_addr_explicit=args.metrics_addr not in (DEFAULT_METRICS_ADDR, ""),
         lb_backend=args.lb_backend, drain_grace=args.drain_grace,
         docker=_docker_url(getattr(args, "docker", "off")),
+        remove_on_exit=getattr(args, "remove_on_exit", False),
     )
 
 

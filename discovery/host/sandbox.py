@@ -451,24 +451,26 @@ class SandboxManager:
         log.info("sandbox command restarted sandbox=%s restarts=%d pid=%d", record.name, record.restarts,
                  record.pid)
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str, deregister: bool = True) -> None:
+        """Remove a sandbox; ``deregister=False`` leaves its registry keys to their lease."""
         record = self.get(name)
         self._removing.add(record.name)  # its command's exit is not news: no publish, no restart
         try:
             async with self._lock:
-                await self._teardown(record)
+                await self._teardown(record, deregister)
                 del self.records[record.name]
         finally:
             self._removing.discard(record.name)
             log.info("sandbox removed sandbox=%s", record.name)
 
-    async def _teardown(self, record: SandboxRecord) -> None:
+    async def _teardown(self, record: SandboxRecord, deregister: bool = True) -> None:
         """Undo everything create() did; safe on a half-built sandbox."""
         if (record.docker_id is None and record.pid is not None and record.exit_code is None
                 and pid_alive(record.pid, record.pid_start)):
             await _terminate(record.pid)
         self._processes.pop(record.name, None)
-        await self.registry.deregister_sandbox(record.name, record.networks, self.node)
+        if deregister:
+            await self.registry.deregister_sandbox(record.name, record.networks, self.node)
         await asyncio.to_thread(self._unbuild, record)
 
     def _unbuild(self, record: SandboxRecord) -> None:

@@ -28,6 +28,7 @@ from .runtime import NodeOptions, NodeRuntime
 log = logging.getLogger(__name__)
 
 DOCKER_RECHECK = 10.0  # seconds between checks that dockerd's FORWARD policy lets svcnet through
+EXIT_DEREGISTER_WAIT = 2.0  # seconds --remove-on-exit tries etcd per sandbox before leaving it to the lease
 
 
 class HostSync:
@@ -41,6 +42,7 @@ class HostSync:
         self.syncs = 0
         self.last_duration = 0.0
         self._docker_due = False
+        self.closed = False  # set while the agent removes everything: no sync may bring it back
 
     def recheck_docker(self) -> None:
         """Check dockerd's FORWARD chain now (the Docker engine just appeared)."""
@@ -77,8 +79,18 @@ class HostSync:
             log.info("host synced revision=%s networks=%d took_ms=%.1f",
                      view.revision, len(view.networks), self.last_duration * 1000)
 
+    def remove_all(self) -> None:
+        from discovery.host import firewall, netlink
+
+        for bridge in netlink.list_bridges(self.prefix).values():
+            netlink.remove_link(bridge.ifname)
+        firewall.remove(self.prefix)
+
     def _apply(self, networks: dict) -> None:
         from discovery.host import firewall, netlink  # pyroute2 and iptc: loaded after DNS is served
+
+        if self.closed:
+            return
 
         present = netlink.list_bridges(self.prefix)
         for name, network in networks.items():
@@ -94,6 +106,9 @@ class HostSync:
 
     def _apply_docker(self, networks: dict) -> None:
         from discovery.host import docker_forward, firewall
+
+        if self.closed:
+            return
 
         try:
             docker_forward.sync(self.prefix, firewall.chain_names(self.prefix)[0], networks.values())
@@ -119,6 +134,7 @@ class AgentSandboxes:
         self.socket_path = options.state_dir / "agent.sock"
         self.host_sync = HostSync(options.prefix)
         self.docker_url = options.docker
+        self.remove_on_exit = options.remove_on_exit
 
     def attach(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
@@ -147,7 +163,21 @@ class AgentSandboxes:
         return None
 
     async def stopping(self, runtime: NodeRuntime) -> None:
-        return None
+        """With --remove-on-exit, leave the host as it was before the agent (an agent that
+        comes and goes with a compose project); otherwise sandboxes outlive the agent."""
+        if not self.remove_on_exit:
+            return
+        self.host_sync.closed = True
+        for name in list(runtime.sandboxes.records):
+            await runtime.unserve(name)
+            try:
+                await asyncio.wait_for(runtime.sandboxes.remove(name), EXIT_DEREGISTER_WAIT)
+            except Exception as exc:  # etcd gone first: the lease takes the keys
+                log.warning("leaving registry keys to the lease sandbox=%s error=%r", name, exc)
+                if name in runtime.sandboxes.records:
+                    await runtime.sandboxes.remove(name, deregister=False)
+        await asyncio.to_thread(self.host_sync.remove_all)
+        log.info("removed every sandbox, bridge and rule of this agent prefix=%s", runtime.keys.prefix)
 
     # ---- API handlers ------------------------------------------------------------------
 

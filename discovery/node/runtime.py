@@ -70,6 +70,7 @@ class NodeOptions:
     lb_backend: str = defaults.LB_BACKEND  # auto | ipvs | iptables
     drain_grace: float = defaults.DRAIN_GRACE  # IPVS: seconds a removed task keeps its established connections
     docker: str | None = None  # the Docker engine's URL: serve its labelled containers (agent only)
+    remove_on_exit: bool = False  # agent: SIGTERM removes its sandboxes, bridges and rules (compose)
 
 
 class SandboxSource(Protocol):

@@ -571,3 +571,26 @@ def test_agent_fails_over_between_etcd_endpoints(own_cli, own_etcd):
     finally:
         first.close()
         second.close()
+
+
+def test_remove_on_exit_leaves_the_host_as_it_found_it(cli):
+    """`agent --remove-on-exit` (compose's agent): SIGTERM removes sandboxes, bridges and chains."""
+    from discovery.host import firewall, netlink
+
+    net = cli.name("gone")
+    cli.run("network", "create", net, "--subnet", "10.97.0.0/24")
+    cli.start_agent("--remove-on-exit")
+    box = cli.name("box")
+    cli.run("run", "-d", "--name", box, "--network", net, "--", "sleep", "1000")
+    pid = next(r for r in cli.json("ps") if r["name"] == box)["pid"]
+    assert netlink.list_bridges(cli.prefix), "the agent made its bridge"
+    forward, nat = firewall.chain_names(cli.prefix)
+    assert forward in subprocess.run(["iptables-legacy-save", "-t", "filter"], capture_output=True, text=True).stdout
+    cli.stop_agent()
+    assert not pid_alive(pid), "its command went with it"
+    assert not os.path.exists(cli.netns(box))
+    assert netlink.list_bridges(cli.prefix) == {}
+    for table, chain in (("filter", forward), ("nat", nat)):
+        rules = subprocess.run(["iptables-legacy-save", "-t", table], capture_output=True, text=True).stdout
+        assert chain not in rules, rules
+    assert not any(f"/{box}" in key for key in cli.registry_items()), "deregistered"
