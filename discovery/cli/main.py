@@ -194,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "'on' is unix:///var/run/docker.sock (env SVCNET_DOCKER; default %(default)s)")
     p.add_argument("--remove-on-exit", action="store_true",
                    default=os.environ.get("SVCNET_REMOVE_ON_EXIT", "") not in ("", "0", "false"),
-                   help="on SIGTERM remove every sandbox of this agent, its bridges and firewall rules, as "
-                        "for an agent that comes and goes with a compose project (env SVCNET_REMOVE_ON_EXIT). "
-                        "Without it sandboxes outlive the agent and are served again when it restarts")
+                   help="on SIGTERM, if none of its sandboxes runs any more (a compose project going down: "
+                        "its containers stop first), remove them, the bridges and the firewall rules: the host "
+                        "is left as before the agent. While one still runs (a restart) everything stays, as "
+                        "without the flag, and the next agent serves it again (env SVCNET_REMOVE_ON_EXIT)")
     _resolver_options(p, "SVCNET_METRICS_ADDR", DEFAULT_METRICS_ADDR)
     _lb_options(p)
 

@@ -118,10 +118,13 @@ class HostSync:
 
 def _enable_forwarding() -> None:
     # Sandboxes on non-internal networks reach beyond the host through it, as with Docker.
+    path = Path("/proc/sys/net/ipv4/ip_forward")
     try:
-        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-    except OSError as exc:
-        log.warning("cannot enable ip_forward error=%s", exc)
+        if path.read_text().strip() != "1":
+            path.write_text("1\n")
+    except OSError as exc:  # in a container /proc/sys is read-only: dockerd or the host must do it
+        log.warning("cannot enable ip_forward: sandboxes cannot reach beyond this host error=%s "
+                    "fix=%r", exc, "sysctl -w net.ipv4.ip_forward=1 on the host")
 
 
 class AgentSandboxes:
@@ -163,9 +166,14 @@ class AgentSandboxes:
         return None
 
     async def stopping(self, runtime: NodeRuntime) -> None:
-        """With --remove-on-exit, leave the host as it was before the agent (an agent that
-        comes and goes with a compose project); otherwise sandboxes outlive the agent."""
+        """With --remove-on-exit and nothing running any more (a compose project going down:
+        its containers stop before the agent), leave the host as it was before the agent.
+        A sandbox still running means a restart: then, as always, everything stays."""
         if not self.remove_on_exit:
+            return
+        running = [r.name for r in runtime.sandboxes.records.values() if r.status() == "running"]
+        if running:
+            log.info("sandboxes still run, leaving everything for the next agent count=%d", len(running))
             return
         self.host_sync.closed = True
         for name in list(runtime.sandboxes.records):

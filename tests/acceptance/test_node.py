@@ -24,7 +24,7 @@ import pytest
 from discovery.procs import pid_alive
 from discovery.state import snapshot
 from discovery.state.model import Network, Service
-from tests.helpers import Cli, TcpProxy, nat_rules, require_root, require_tools
+from tests.helpers import Cli, TcpProxy, nat_rules, require_root, require_tools, wait
 
 
 @pytest.fixture(autouse=True)
@@ -573,8 +573,9 @@ def test_agent_fails_over_between_etcd_endpoints(own_cli, own_etcd):
         second.close()
 
 
-def test_remove_on_exit_leaves_the_host_as_it_found_it(cli):
-    """`agent --remove-on-exit` (compose's agent): SIGTERM removes sandboxes, bridges and chains."""
+def test_remove_on_exit_cleans_up_once_nothing_runs_and_never_under_a_running_sandbox(cli):
+    """`agent --remove-on-exit` (compose's agent): a SIGTERM while a sandbox runs is a
+    restart and changes nothing; once nothing runs, SIGTERM removes sandboxes, bridges, chains."""
     from discovery.host import firewall, netlink
 
     net = cli.name("gone")
@@ -583,14 +584,19 @@ def test_remove_on_exit_leaves_the_host_as_it_found_it(cli):
     box = cli.name("box")
     cli.run("run", "-d", "--name", box, "--network", net, "--", "sleep", "1000")
     pid = next(r for r in cli.json("ps") if r["name"] == box)["pid"]
-    assert netlink.list_bridges(cli.prefix), "the agent made its bridge"
     forward, nat = firewall.chain_names(cli.prefix)
-    assert forward in subprocess.run(["iptables-legacy-save", "-t", "filter"], capture_output=True, text=True).stdout
     cli.stop_agent()
-    assert not pid_alive(pid), "its command went with it"
+    assert pid_alive(pid) and os.path.exists(cli.netns(box)), "running: a restart, nothing removed"
+    assert netlink.list_bridges(cli.prefix)
+
+    cli.start_agent("--remove-on-exit")
+    os.kill(pid, signal.SIGTERM)
+    assert wait(lambda: next(r for r in cli.json("ps") if r["name"] == box)["status"].startswith("exited"), 5)
+    cli.stop_agent()
     assert not os.path.exists(cli.netns(box))
     assert netlink.list_bridges(cli.prefix) == {}
     for table, chain in (("filter", forward), ("nat", nat)):
         rules = subprocess.run(["iptables-legacy-save", "-t", table], capture_output=True, text=True).stdout
         assert chain not in rules, rules
     assert not any(f"/{box}" in key for key in cli.registry_items()), "deregistered"
+
