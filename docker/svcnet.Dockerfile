@@ -12,15 +12,20 @@ RUN command -v ip && command -v iptables && command -v nsenter && command -v dig
 
 # The venv is built in a stage of its own so that the wheels stay out of the image.
 FROM base AS venv
+LABEL svcnet.stage=venv
 COPY pyproject.toml README.md /src/
 COPY discovery /src/discovery
 COPY lb /src/lb
-# build/wheel[s]: a pattern, so that a context without wheels builds too (from /src, with network)
-COPY build/wheel[s] /wheels/
+# build/wheel[s] is a pattern and pyproject.toml is there for it to match something: a
+# context without wheels (not built by scripts/images.sh) builds too, from /src.
+COPY pyproject.toml build/wheel[s] /wheels/
+# Without an index from the wheels; if there are none, or none for this Python, from PyPI.
+# pip and setuptools (22 MB) then go: svcnet needs neither to run.
 RUN python3 -m venv /opt/svcnet && \
-    if ls /wheels/*.whl >/dev/null 2>&1; then \
-        /opt/svcnet/bin/pip install -q --no-cache-dir --no-index --find-links /wheels svcnet; \
-    else /opt/svcnet/bin/pip install -q --no-cache-dir /src; fi && \
+    if ls /wheels/*.whl >/dev/null 2>&1 && \
+        /opt/svcnet/bin/pip install -q --no-cache-dir --no-index --find-links /wheels svcnet; then :; \
+    else /opt/svcnet/bin/pip install -q --no-cache-dir --find-links /wheels /src; fi && \
+    /opt/svcnet/bin/python -m pip uninstall -q -y pip setuptools && \
     /opt/svcnet/bin/svcnet --help >/dev/null
 
 FROM base

