@@ -22,12 +22,10 @@ check() {  # check WHAT EXPECTED ACTUAL
 show() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 client() { docker compose exec -T client "$@"; }
 down() {
-    set +e
     printf '\n\033[1m$ docker compose down\033[0m\n'
     docker compose down --timeout 5 2>&1 | tail -n 3
-    scripts/docker-setup.sh stop
 }
-trap down EXIT
+trap 'set +e; down; scripts/docker-setup.sh stop' EXIT
 
 scripts/images.sh
 show docker compose up -d --wait
@@ -60,7 +58,6 @@ echo "  tasks.web lists 5 after $(( ($(date +%s%N) - start) / 1000000 )) ms"
 check "tasks.web after scaling" 5 "$(client dig +short tasks.web | wc -l)"
 show docker compose exec -T svcnet svcnet ps
 
-trap - EXIT
 down
 echo; echo "== What svcnet left on the host (nothing)"
 prefix=/svcnet-compose
@@ -69,6 +66,9 @@ check "svcnet bridges" 0 "$(ip -d -o link show type bridge | grep -c "svcnet:$pr
 check "svcnet veths" 0 "$(ip -o link show type veth | grep -cE ': sv[0-9a-f]{10}@' || true)"
 check "svcnet chains (legacy)" 0 "$( (iptables-legacy-save; iptables-legacy-save -t nat) 2>/dev/null | grep -c "$tag" || true)"
 check "svcnet chains (nft)" 0 "$(iptables-nft-save 2>/dev/null | grep -c "$tag" || true)"
-check "svcnet containers" 0 "$(docker ps -aq --filter label=com.docker.compose.project=svcnet | wc -l)"
+containers=$(docker ps -aq --filter label=com.docker.compose.project=svcnet | wc -l) || containers="? (docker ps failed)"
+check "svcnet containers" 0 "$containers"
+trap - EXIT
+scripts/docker-setup.sh stop  # only a dockerd that docker-setup.sh started
 if ((failures)); then echo "demo: $failures check(s) failed" >&2; exit 1; fi
 echo; echo "demo: every check passed"
