@@ -118,3 +118,6 @@ def test_down_leaves_nothing_of_svcnet(project):
     mounts = Path("/proc/self/mounts").read_text()
     assert "svcnet" not in mounts, mounts
     assert docker("ps", "-aq", "--filter", "label=com.docker.compose.project=svcnet").stdout.strip() == ""
+    records = docker("run", "--rm", "--network", "none", "-v", "svcnet_svcnet-state:/state", "--entrypoint", "ls",
+                     "svcnet-demo:local", "/state/sandboxes").stdout.split()
+    assert records == [], f"the agent's state volume still holds sandboxes {records}"
