@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from discovery import __version__, defaults
-from discovery.errors import AgentUnavailableError, SvcnetError
+from discovery.errors import AgentUnavailableError, NotFoundError, SvcnetError
 
 if TYPE_CHECKING:
     from discovery.node.client import ApiClient
@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(parser, suppress=False)
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     top.required = True
+
+    node_sub = _group(top, "node", "list, inspect and forget nodes (hosts with an agent)",
+                      "A node is registered by its agent and is ready while the agent holds its lease; "
+                      "a node whose agent died stays listed as down until `svcnet node rm`.")
+    p = _command(node_sub, "ls", "list nodes, ready or down", "svcnet node ls --format json", cmd_node_ls)
+    _format_option(p)
+    p = _command(node_sub, "inspect", "show one node with its endpoints", "svcnet node inspect h1", cmd_node_inspect)
+    p.add_argument("name")
+    _format_option(p)
+    p = _command(node_sub, "rm", "forget a node that is down", "svcnet node rm h4", cmd_node_rm)
+    p.add_argument("name")
 
     network_sub = _group(top, "network", "create, list, inspect and remove networks",
                          "Networks are cluster-wide: stored in etcd, a bridge on each node.")
@@ -192,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "its names registered and 127.0.0.11 answered inside it. Run them with "
                         "network_mode: none and dns: [127.0.0.11], or dockerd answers 127.0.0.11 itself. "
                         "'on' is unix:///var/run/docker.sock (env SVCNET_DOCKER; default %(default)s)")
+    p.add_argument("--advertise-addr", default=os.environ.get("SVCNET_ADVERTISE_ADDR"), metavar="IP",
+                   help="the address other hosts reach this node on, and its VXLAN endpoint (env "
+                        "SVCNET_ADVERTISE_ADDR; default: the source address of the default route)")
+    p.add_argument("--netns-prefix", default=os.environ.get("SVCNET_NETNS_PREFIX", defaults.NETNS_PREFIX),
+                   metavar="PREFIX",
+                   help="name the sandboxes' network namespaces /run/netns/PREFIX<name>: several agents on one "
+                        "machine (scripts/cluster.sh's hosts) need different ones (env SVCNET_NETNS_PREFIX; "
+                        "default %(default)s)")
     p.add_argument("--remove-on-exit", action="store_true",
                    default=os.environ.get("SVCNET_REMOVE_ON_EXIT", "") not in ("", "0", "false"),
                    help="on SIGTERM, if none of its sandboxes runs any more (a compose project going down: "
@@ -425,6 +444,50 @@ def _strip_dashdash(command: list[str]) -> list[str]:
     return command[1:] if command[:1] == ["--"] else command
 
 
+# ---- nodes -----------------------------------------------------------------------------
+
+
+def _node_rows(args) -> list[dict]:
+    async def action(registry):
+        return await registry.list_nodes(), await registry.list_endpoints()
+    nodes, endpoints = _with_registry(args, action)
+    rows = []
+    for node, alive in sorted(nodes, key=lambda item: item[0].name):
+        row = dict(node.to_dict(), status="ready" if alive else "down")
+        row["endpoints"] = sorted(f"{e.network}/{e.container}" for e in endpoints if e.node == node.name)
+        row["tasks"] = len(row["endpoints"])
+        rows.append(row)
+    return rows
+
+
+def cmd_node_ls(args) -> int:
+    rows = _node_rows(args)
+    _print(rows, [("NAME", "name"), ("STATUS", "status"), ("ADDRESS", "advertise_addr"), ("VTEP", "vtep"),
+                  ("ENDPOINTS", "tasks"), ("VERSION", "version")], args.format, rows)
+    return 0
+
+
+def cmd_node_inspect(args) -> int:
+    row = next((r for r in _node_rows(args) if r["name"] == args.name), None)
+    if row is None:
+        raise NotFoundError(f"no node named {args.name!r}; 'svcnet node ls' lists them")
+    if args.format == "json":
+        print(json.dumps(row, indent=2, sort_keys=True))
+        return 0
+    for key in ("name", "status", "advertise_addr", "vtep", "version", "started_at"):
+        print(f"{key + ':':16} {row[key]}")
+    print("endpoints:")
+    for endpoint in row["endpoints"]:
+        print(f"  {endpoint}")
+    return 0
+
+
+def cmd_node_rm(args) -> int:
+    _with_registry(args, lambda r: r.remove_node(args.name))
+    print(args.name)
+    return 0
+
+
 # ---- networks --------------------------------------------------------------------------
 
 
@@ -641,6 +704,8 @@ def _node_options(args):
         lb_backend=args.lb_backend, drain_grace=args.drain_grace,
         docker=_docker_url(getattr(args, "docker", "off")),
         remove_on_exit=getattr(args, "remove_on_exit", False),
+        netns_prefix=getattr(args, "netns_prefix", defaults.NETNS_PREFIX),
+        advertise_addr=getattr(args, "advertise_addr", None),
     )
 
 
@@ -655,6 +720,12 @@ def cmd_agent(args) -> int:
 
     if args.lease_ttl < 2:
         raise SvcnetError("--lease-ttl must be at least 2 seconds")
+    if args.advertise_addr:
+        import ipaddress
+        try:
+            ipaddress.ip_address(args.advertise_addr)
+        except ValueError:
+            raise SvcnetError(f"--advertise-addr {args.advertise_addr!r} is not an IP address") from None
     return run_agent(_node_options(args))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -116,6 +117,17 @@ class HostSync:
             log.warning("cannot check dockerd's forward chain error=%s", exc)
 
 
+def default_advertise_addr() -> str | None:
+    """The source address of this netns's default route (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route lookup matters
+        except OSError:
+            log.warning("no default route: this node advertises no address; give --advertise-addr")
+            return None
+        return probe.getsockname()[0]
+
+
 def _enable_forwarding() -> None:
     # Sandboxes on non-internal networks reach beyond the host through it, as with Docker.
     path = Path("/proc/sys/net/ipv4/ip_forward")
@@ -138,6 +150,7 @@ class AgentSandboxes:
         self.host_sync = HostSync(options.prefix)
         self.docker_url = options.docker
         self.remove_on_exit = options.remove_on_exit
+        self.advertise_addr = options.advertise_addr or default_advertise_addr()
 
     def attach(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
@@ -159,7 +172,8 @@ class AgentSandboxes:
             DockerContainers(self.docker_url, on_connect=self.host_sync.recheck_docker).attach(runtime)
 
     async def register(self, runtime: NodeRuntime, lease: int) -> None:
-        node = Node(runtime.options.node, runtime.started_at, __version__)
+        address = self.advertise_addr
+        node = Node(runtime.options.node, runtime.started_at, __version__, address, address)
         await runtime.registry.register_node(node, lease)
 
     async def started(self, runtime: NodeRuntime) -> None:

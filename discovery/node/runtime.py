@@ -71,6 +71,8 @@ class NodeOptions:
     drain_grace: float = defaults.DRAIN_GRACE  # IPVS: seconds a removed task keeps its established connections
     docker: str | None = None  # the Docker engine's URL: serve its labelled containers (agent only)
     remove_on_exit: bool = False  # agent: SIGTERM removes its sandboxes, bridges and rules (compose)
+    advertise_addr: str | None = None  # agent: the address other hosts reach it on (None: the default route's)
+    netns_prefix: str = defaults.NETNS_PREFIX  # /run/netns/<prefix><sandbox>: per agent where several share /run
 
 
 class SandboxSource(Protocol):
@@ -245,7 +247,8 @@ class NodeRuntime:
         self.dns = SandboxResolvers(self.resolver)
         self.lb = _LbPending()
         self.health = HealthChecker(self.report_health)
-        self.sandboxes = SandboxManager(self.registry, keys.prefix, options.node, self.source.home)
+        self.sandboxes = SandboxManager(self.registry, keys.prefix, options.node, self.source.home,
+                                        options.netns_prefix)
         self.lease = LeaseKeeper(self.client, options.lease_ttl, self._on_new_lease)
         self.watcher.hold_first_list(self.lease.reasserted.wait, FIRST_LIST_HOLD)
         self.snapshots = SnapshotWriter(keys, self.source.home / "view.json")

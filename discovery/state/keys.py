@@ -5,7 +5,8 @@ All keys live under a prefix (default ``/svcnet``)::
     <prefix>/networks/<network>               Network JSON
     <prefix>/services/<service>               Service JSON (VIPs included)
     <prefix>/endpoints/<network>/<container>  Endpoint JSON        (leased by its owner)
-    <prefix>/nodes/<node>                     Node JSON            (leased by its agent)
+    <prefix>/nodes/<node>                     Node JSON            (kept: `node ls` shows it down)
+    <prefix>/alive/<node>                     its lease's heartbeat (leased by its agent)
     <prefix>/ipam/<network>/<address>         claim of an address  (leased if an endpoint's)
     <prefix>/names/<network>/<name>           claim of a DNS name  (leased if an endpoint's)
 
@@ -46,6 +47,10 @@ class KeyLayout:
 
     def node(self, name: str) -> bytes:
         return f"{self.prefix}/nodes/{name}".encode()
+
+    def alive(self, name: str) -> bytes:
+        """Exists while the node's agent holds its lease (not a View kind: only `node ls` reads it)."""
+        return f"{self.prefix}/alive/{name}".encode()
 
     def address_claim(self, network: str, address) -> bytes:
         return f"{self.prefix}/ipam/{network}/{address}".encode()

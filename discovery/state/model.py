@@ -378,20 +378,30 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Node:
+    """A host with an agent: where its tasks are reached (advertise) and its VXLAN endpoint."""
+
     name: str
     started_at: float = 0.0
     version: str = ""
+    advertise_addr: str | None = None
+    vtep: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValidationError("node name must not be empty")
+        for field_name in ("advertise_addr", "vtep"):
+            value = getattr(self, field_name)
+            if value is not None:
+                _parse_address(value, field_name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "started_at": self.started_at, "version": self.version}
+        return {"name": self.name, "started_at": self.started_at, "version": self.version,
+                "advertise_addr": self.advertise_addr, "vtep": self.vtep}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Node:
-        return _decode(cls, data, lambda d: cls(d["name"], float(d.get("started_at", 0)), d.get("version", "")))
+        return _decode(cls, data, lambda d: cls(d["name"], float(d.get("started_at", 0)), d.get("version", ""),
+                                                d.get("advertise_addr"), d.get("vtep")))
 
 
 def _decode(cls, data: Mapping[str, Any], build):

@@ -493,7 +493,22 @@ class Registry:
     # ---- nodes -----------------------------------------------------------------------
 
     async def register_node(self, node: Node, lease: int) -> None:
-        await self.client.put(self.keys.node(node.name), _encode(node), lease=lease)
+        """The node's record (kept after it dies, so it shows as down) and its leased heartbeat."""
+        await self.client.transaction(compare=[], success=[
+            self.txn.put(self.keys.node(node.name), _encode(node)),
+            self.txn.put(self.keys.alive(node.name), str(lease).encode(), lease=lease)], failure=[])
+
+    async def list_nodes(self) -> list[tuple[Node, bool]]:
+        """Every node with whether its agent is alive (holds its lease)."""
+        _, values = await self._json_values(self.keys.kind_prefix("nodes"))
+        alive = {kv.key.decode().rsplit("/", 1)[-1]
+                 for kv in await self.client.get_prefix(self.keys.kind_prefix("alive"))}
+        return [(node, node.name in alive) for node in _decode_all(Node, values)]
+
+    async def remove_node(self, name: str) -> None:
+        if await self.client.get(self.keys.alive(name)) is not None:
+            raise ConflictError(f"node {name!r} is alive; stop its agent first")
+        await self.client.delete(self.keys.node(name))
 
 
 def _refuse_taken_name(claims: _Claims, dns_name: str, holder: Claim, network: str) -> None:

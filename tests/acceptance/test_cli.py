@@ -204,3 +204,28 @@ def test_ls_and_inspect_emit_json(cli):
     table = cli.run("network", "ls").stdout.splitlines()
     assert table[0].split() == ["NAME", "DRIVER", "SUBNET", "GATEWAY", "SUBNET6", "INTERNAL"]
     assert json.loads(cli.run("network", "inspect", net, "--format", "json").stdout)["internal"] is True
+
+
+def test_node_ls_shows_the_agent_ready_then_down_and_rm_forgets_it(cli):
+    from tests.helpers import wait
+
+    cli.start_agent("--lease-ttl", "2", "--advertise-addr", "192.0.2.44")
+    box = cli.name("box")
+    net = cli.name("n")
+    cli.run("network", "create", net, "--subnet", "10.98.0.0/24")
+    cli.run("run", "-d", "--name", box, "--network", net)
+    node = cli.env["SVCNET_NODE"]
+    row = next(r for r in cli.json("node", "ls") if r["name"] == node)
+    assert (row["status"], row["advertise_addr"], row["vtep"]) == ("ready", "192.0.2.44", "192.0.2.44")
+    assert row["endpoints"] == [f"{net}/{box}"]
+    assert f"{net}/{box}" in cli.run("node", "inspect", node).stdout
+    refused = cli.run("node", "rm", node, check=False)
+    assert refused.returncode != 0 and "alive" in refused.stderr
+
+    cli.stop_agent(signal.SIGKILL)
+    assert wait(lambda: next(r for r in cli.json("node", "ls") if r["name"] == node)["status"] == "down", 6)
+    assert "down" in cli.run("node", "ls").stdout
+    cli.run("node", "rm", node)
+    assert all(r["name"] != node for r in cli.json("node", "ls"))
+    missing = cli.run("node", "inspect", node, check=False)
+    assert missing.returncode != 0 and "node ls" in missing.stderr
