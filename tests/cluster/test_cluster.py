@@ -1,0 +1,132 @@
+"""Acceptance on scripts/cluster.sh: three simulated hosts, a 3-member etcd, three agents.
+
+The cluster comes up once for the module (its own state dir) and goes down at the end, and
+the last test checks that `down` left nothing. Everything runs through the harness's verbs,
+as a user of the harness would.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import require_root, require_tools, wait
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = str(ROOT / "scripts" / "cluster.sh")
+
+
+class Cluster:
+    def __init__(self, directory: Path) -> None:
+        self.env = {"SVCNET_CLUSTER_DIR": str(directory), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+    def run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        result = subprocess.run([CLUSTER, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"cluster.sh {' '.join(args)} exited {result.returncode}: {result.stderr[-2000:]}")
+        return result
+
+    def on(self, host: str, *argv: str, check: bool = True) -> str:
+        return self.run("on", host, "--", *argv, check=check).stdout
+
+    def svcnet(self, host: str, *argv: str) -> str:
+        return self.on(host, "svcnet", *argv)
+
+    def dig(self, host: str, sandbox: str, name: str) -> list[str]:
+        out = self.on(host, "svcnet", "exec", sandbox, "--", "dig", "+short", "+tries=1", "+time=1", name, check=False)
+        return sorted(line for line in out.splitlines() if line and not line.startswith(";;"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    require_root()
+    require_tools("ip", "nsenter", "etcd", "etcdctl", "dig", "curl")
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    if "svccl-" in listed:
+        raise AssertionError("a scripts/cluster.sh cluster is up already: 'scripts/cluster.sh down' it first")
+    harness = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        out = harness.run("up", "3").stdout
+        assert [line.split()[0] for line in out.splitlines() if line.startswith("h")] == ["h1", "h2", "h3"], out
+        yield harness
+    finally:
+        harness.run("down", check=False)
+
+
+def test_three_hosts_three_etcd_members_every_node_ready(cluster):
+    addresses = {host: cluster.run("addr", host).stdout.strip() for host in ("h1", "h2", "h3")}
+    assert len(set(addresses.values())) == 3
+    nodes = {n["name"]: n for n in json.loads(cluster.svcnet("h3", "node", "ls", "--format", "json"))}
+    assert {name: (n["status"], n["advertise_addr"]) for name, n in nodes.items()} == \
+        {host: ("ready", address) for host, address in addresses.items()}
+    endpoints = ",".join(f"http://{a}:2379" for a in addresses.values())
+    members = cluster.on("h2", "etcdctl", f"--endpoints={endpoints}", "member", "list")
+    assert len(members.strip().splitlines()) == 3, members
+    assert cluster.run("client", "--", "ping", "-c1", "-W1", addresses["h1"]).returncode == 0, \
+        "the client namespace is on the underlay"
+
+
+def test_names_registered_on_one_host_resolve_on_another(cluster):
+    cluster.svcnet("h1", "network", "create", "front", "--subnet", "10.61.0.0/24")
+    cluster.svcnet("h1", "run", "-d", "--name", "a1", "--network", "front", "--", "sleep", "1000")
+    cluster.svcnet("h3", "run", "-d", "--name", "c3", "--network", "front", "--", "sleep", "1000")
+    address = json.loads(cluster.svcnet("h1", "ps", "--format", "json"))[0]["endpoints"][0]["ipv4"]
+    assert wait(lambda: cluster.dig("h3", "c3", "a1") == [address], 5)
+    assert json.loads(cluster.svcnet("h2", "node", "inspect", "h1", "--format", "json"))["endpoints"] == ["front/a1"]
+
+
+def test_dns_answers_every_20ms_while_an_etcd_member_dies_and_returns(cluster):
+    """Answers come from memory: an etcd member going away costs no query."""
+    failures, answers = [], []
+    stop = threading.Event()
+
+    def loop() -> None:
+        argv = [CLUSTER, "on", "h3", "--", "svcnet", "exec", "c3", "--", "sh", "-c",
+                "end=$(($(date +%s) + 10)); while [ $(date +%s) -lt $end ]; do "
+                "dig +short +tries=1 +time=1 a1 || echo FAIL; sleep 0.02; done"]
+        out = subprocess.run(argv, env=cluster.env, capture_output=True, text=True, timeout=60).stdout
+        for line in out.splitlines():
+            (failures if (line == "FAIL" or not line[0].isdigit()) else answers).append(line)
+        stop.set()
+
+    digger = threading.Thread(target=loop)
+    digger.start()
+    time.sleep(2)
+    cluster.run("kill", "h2", "etcd")
+    time.sleep(3)
+    cluster.run("start", "h2", "etcd")
+    digger.join(timeout=60)
+    assert stop.is_set()
+    assert failures == [] and len(answers) > 100, (failures[:5], len(answers))
+    cluster.svcnet("h1", "service", "create", "after", "--network", "front")  # the cluster still takes writes
+
+
+def test_a_dead_agents_tasks_leave_answers_within_the_lease_and_return_with_their_addresses(cluster):
+    address = cluster.dig("h3", "c3", "a1")
+    assert address
+    cluster.run("kill", "h1", "agent")
+    killed = time.monotonic()
+    assert wait(lambda: cluster.dig("h3", "c3", "a1") == [], 15)
+    assert time.monotonic() - killed <= 10 + 1 + 2, "lease TTL (10 s) + 1 s, and the dig's own time"
+    node = json.loads(cluster.svcnet("h3", "node", "inspect", "h1", "--format", "json"))
+    assert node["status"] == "down"
+    cluster.run("start", "h1", "agent")
+    assert wait(lambda: cluster.dig("h3", "c3", "a1") == address, 5), "back, same address"
+    assert json.loads(cluster.svcnet("h2", "node", "inspect", "h1", "--format", "json"))["status"] == "ready"
+
+
+def test_down_leaves_nothing(cluster):
+    cluster.run("down")
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "svccl-" not in netns and "svcnet-h" not in netns, netns
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert "svccl" not in links, links
+    assert not Path(cluster.env["SVCNET_CLUSTER_DIR"]).exists()
+    assert str(cluster.env["SVCNET_CLUSTER_DIR"]) not in Path("/proc/self/mounts").read_text()
+    leftover = subprocess.run(["pgrep", "-f", cluster.env["SVCNET_CLUSTER_DIR"]], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", leftover.stdout
