@@ -524,7 +524,7 @@ def cmd_network_inspect(args) -> int:
     if args.format == "json":
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
-    for key in ("name", "driver", "subnet", "gateway", "subnet6", "gateway6", "internal"):
+    for key in ("name", "driver", "subnet", "gateway", "subnet6", "gateway6", "internal", "vni"):
         print(f"{key + ':':10} {data[key]}")
     print("services:")
     for name, vip in sorted(data["services"].items()):

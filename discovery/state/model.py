@@ -24,7 +24,8 @@ IPv6Network = ipaddress.IPv6Network
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
-SUPPORTED_DRIVERS = ("bridge",)  # "overlay" joins when multi-host networking lands
+SUPPORTED_DRIVERS = ("bridge", "overlay")  # overlay: one L2 segment across hosts, over VXLAN
+VNI_FIRST, VNI_LAST = 4096, (1 << 24) - 1  # as Docker: VNIs below 4096 are left to the operator
 ENDPOINT_MODES = ("vip", "dnsrr")
 PROTOCOLS = ("tcp", "udp")
 PUBLISH_MODES = ("ingress", "host")
@@ -103,6 +104,7 @@ class Network:
     gateway6: IPv6Address | None = None
     driver: str = "bridge"
     internal: bool = False
+    vni: int | None = None  # overlay: its VXLAN network identifier, allocated by the registry
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", normalize_name(self.name, "network name"))
@@ -110,6 +112,8 @@ class Network:
             raise ValidationError(
                 f"network driver {self.driver!r} is not supported; use one of {', '.join(SUPPORTED_DRIVERS)}"
             )
+        if self.vni is not None and (self.driver != "overlay" or not VNI_FIRST <= self.vni <= VNI_LAST):
+            raise ValidationError(f"vni {self.vni} needs the overlay driver and {VNI_FIRST}..{VNI_LAST}")
         _check_gateway(self.subnet, self.gateway, "gateway")
         if (self.subnet6 is None) != (self.gateway6 is None):
             raise ValidationError("an IPv6 subnet needs an IPv6 gateway and the other way round")
@@ -154,6 +158,7 @@ class Network:
             "gateway6": str(self.gateway6) if self.gateway6 else None,
             "driver": self.driver,
             "internal": self.internal,
+            "vni": self.vni,
         }
 
     @classmethod
@@ -166,6 +171,7 @@ class Network:
             gateway6=IPv6Address(d["gateway6"]) if d.get("gateway6") else None,
             driver=d.get("driver", "bridge"),
             internal=bool(d.get("internal", False)),
+            vni=int(d["vni"]) if d.get("vni") is not None else None,
         ))
 
 

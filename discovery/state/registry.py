@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aetcd
 
-from discovery.errors import ConflictError, NotFoundError, ValidationError
+from discovery.errors import ConflictError, ExhaustedError, NotFoundError, ValidationError
 
 from . import ipam
 from .keys import KeyLayout
-from .model import Endpoint, Network, Node, Service
+from .model import VNI_FIRST, VNI_LAST, Endpoint, Network, Node, Service
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,9 @@ class Registry:
                         f"subnet of network {network.name!r} overlaps network {other.name!r} ({theirs}); "
                         "choose a subnet that does not overlap"
                     )
+            if network.driver == "overlay":
+                network = replace(network, vni=_free_vni(existing))
+            # no network changed since the listing: the overlap check and the VNI still hold
             ok, _ = await self.client.transaction(
                 compare=[self.txn.mod(prefix, _range_end(prefix)) < revision + 1],
                 success=[self.txn.put(self.keys.network(network.name), _encode(network))],
@@ -509,6 +512,16 @@ class Registry:
         if await self.client.get(self.keys.alive(name)) is not None:
             raise ConflictError(f"node {name!r} is alive; stop its agent first")
         await self.client.delete(self.keys.node(name))
+
+
+def _free_vni(networks: Iterable[Network]) -> int:
+    taken = {n.vni for n in networks if n.vni is not None}
+    vni = VNI_FIRST
+    while vni in taken:
+        vni += 1
+    if vni > VNI_LAST:
+        raise ExhaustedError("every VXLAN network identifier is taken; remove an overlay network")
+    return vni
 
 
 def _refuse_taken_name(claims: _Claims, dns_name: str, holder: Claim, network: str) -> None:

@@ -1,6 +1,7 @@
 """The registry against a real etcd."""
 
 import asyncio
+import dataclasses
 import multiprocessing
 import sys
 
@@ -147,3 +148,20 @@ def test_an_expired_lease_removes_endpoints_and_claims(etcd, prefix):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_overlay_networks_get_a_vni_once_and_unique(etcd, prefix):
+    async def scenario():
+        client, reg = await _registry(etcd.url, prefix)
+        first = await reg.create_network(Network.create("ov1", "10.40.0.0/24", driver="overlay"))
+        second = await reg.create_network(Network.create("ov2", "10.41.0.0/24", driver="overlay"))
+        local = await reg.create_network(Network.create("local", "10.42.0.0/24"))
+        assert (first.vni, second.vni, local.vni) == (4096, 4097, None)
+        assert (await reg.get_network("ov1")).vni == 4096, "stored with the network"
+        await reg.remove_network("ov1")
+        third = await reg.create_network(Network.create("ov3", "10.43.0.0/24", driver="overlay"))
+        assert third.vni == 4096, "the lowest free one"
+        with pytest.raises(ValidationError, match="overlay driver"):
+            dataclasses.replace(Network.create("bad", "10.44.0.0/24"), vni=5000)
+        await client.close()
+    run(scenario())
