@@ -9,6 +9,7 @@ LEASE_TTL = 10  # seconds a dead node's endpoints stay in the registry
 DRAIN_GRACE = 30.0  # IPVS: seconds a task that left keeps its established connections
 LB_BACKEND = "auto"  # auto | ipvs | iptables
 NETNS_PREFIX = "svcnet-"  # sandboxes' names under /run/netns
+VXLAN_PORT = 4789  # IANA's VXLAN port: every host of a cluster must use the same
 
 UPSTREAM_TIMEOUT = 1.5  # seconds per upstream try before the next (Docker waits 4)
 MAX_INFLIGHT = 1024  # forwards in flight per sandbox, then REFUSED (as Docker)

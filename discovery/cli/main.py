@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise-addr", default=os.environ.get("SVCNET_ADVERTISE_ADDR"), metavar="IP",
                    help="the address other hosts reach this node on, and its VXLAN endpoint (env "
                         "SVCNET_ADVERTISE_ADDR; default: the source address of the default route)")
+    p.add_argument("--vxlan-port", type=int, default=int(os.environ.get("SVCNET_VXLAN_PORT", defaults.VXLAN_PORT)),
+                   metavar="PORT", help="UDP port of overlay networks' VXLAN, the same on every host "
+                                        "(env SVCNET_VXLAN_PORT; default %(default)s)")
     p.add_argument("--netns-prefix", default=os.environ.get("SVCNET_NETNS_PREFIX", defaults.NETNS_PREFIX),
                    metavar="PREFIX",
                    help="name the sandboxes' network namespaces /run/netns/PREFIX<name>: several agents on one "
@@ -706,6 +709,7 @@ def _node_options(args):
         remove_on_exit=getattr(args, "remove_on_exit", False),
         netns_prefix=getattr(args, "netns_prefix", defaults.NETNS_PREFIX),
         advertise_addr=getattr(args, "advertise_addr", None),
+        vxlan_port=getattr(args, "vxlan_port", defaults.VXLAN_PORT),
     )
 
 

@@ -158,6 +158,8 @@ class Attachment:
     prefixlen4: int
     ipv6: str | None = None
     prefixlen6: int | None = None
+    mtu: int | None = None  # overlay networks: the underlay's minus VXLAN's overhead
+    mac: str | None = None  # overlay networks: derived from the address (peers know it unasked)
 
 
 def free_inner_name(path: str, wanted: int = 0) -> str:
@@ -186,10 +188,16 @@ def attach(path: str, bridge: str, attachment: Attachment, gateway4: str | None,
         finally:
             os.close(fd)
         host_index = ipr.link_lookup(ifname=attachment.host_ifname)[0]
+        if attachment.mtu:
+            ipr.link("set", index=host_index, mtu=attachment.mtu)
         ipr.link("set", index=host_index, master=bridge_index[0], state="up")
     with in_netns(path) as ns:
         index = ns.link_lookup(ifname=temp_peer)[0]
         ns.link("set", index=index, ifname=attachment.inner_ifname)
+        if attachment.mtu:
+            ns.link("set", index=index, mtu=attachment.mtu)
+        if attachment.mac:
+            ns.link("set", index=index, address=attachment.mac)
         ns.addr("add", index=index, address=attachment.ipv4, prefixlen=attachment.prefixlen4)
         if attachment.ipv6:
             # IFA_F_NODAD: the address is ours by IPAM; skip duplicate detection's delay.

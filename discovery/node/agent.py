@@ -33,13 +33,16 @@ EXIT_DEREGISTER_WAIT = 2.0  # seconds --remove-on-exit tries etcd per sandbox be
 
 
 class HostSync:
-    """Converge bridges and firewall rules to the View's networks, coalescing changes."""
+    """Converge bridges, firewall rules and overlay peers to the View, coalescing changes."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, node: str = "", vtep: str | None = None, vxlan_port: int = 4789) -> None:
         self.prefix = prefix
+        self.node, self.vtep, self.vxlan_port = node, vtep, vxlan_port
+        self.overlay_mtu: int | None = None  # read from the underlay interface on first need
         self._latest: View | None = None
         self._dirty = asyncio.Event()
         self._applied: dict = {}
+        self._peers_applied: dict = {}  # overlay network -> the peers its VXLAN device holds
         self.syncs = 0
         self.last_duration = 0.0
         self._docker_due = False
@@ -62,14 +65,15 @@ class HostSync:
                 self._docker_due = True
             self._dirty.clear()
             view = self._latest
-            if view is None or dict(view.networks) == self._applied:
+            peers = self.desired_peers(view) if view is not None else {}
+            if view is None or (dict(view.networks) == self._applied and peers == self._peers_applied):
                 if self._docker_due and self._applied:
                     self._docker_due = False
                     await asyncio.to_thread(self._apply_docker, self._applied)
                 continue
             started = time.perf_counter()
             try:
-                await asyncio.to_thread(self._apply, dict(view.networks))
+                await asyncio.to_thread(self._apply, dict(view.networks), peers)
             except Exception:
                 log.exception("host sync failed, retrying revision=%s", view.revision)
                 await asyncio.sleep(1)
@@ -81,17 +85,62 @@ class HostSync:
                      view.revision, len(view.networks), self.last_duration * 1000)
 
     def remove_all(self) -> None:
-        from discovery.host import firewall, netlink
+        from discovery.host import firewall, netlink, overlay
 
+        for ifname in overlay.list_vxlans(self.prefix).values():
+            overlay.remove_vxlan(ifname)
         for bridge in netlink.list_bridges(self.prefix).values():
             netlink.remove_link(bridge.ifname)
         firewall.remove(self.prefix)
 
-    def _apply(self, networks: dict) -> None:
-        from discovery.host import firewall, netlink  # pyroute2 and iptc: loaded after DNS is served
+    def desired_peers(self, view: View) -> dict:
+        """Overlay network -> the remote endpoints its VXLAN device must know (from the View)."""
+        if self.vtep is None:
+            return {}
+        from discovery.host.overlay import Peer, mac_for
 
+        peers: dict[str, set] = {n: set() for n, net in view.networks.items() if net.driver == "overlay"}
+        if not peers:
+            return {}
+        for (network, _), endpoint in view.endpoints.items():
+            if network in peers and endpoint.node != self.node:
+                node = view.nodes.get(endpoint.node)
+                if node is not None and node.vtep:
+                    peers[network].add(Peer(str(endpoint.ipv4), mac_for(endpoint.ipv4), node.vtep))
+        return {name: frozenset(found) for name, found in peers.items()}
+
+    def _apply(self, networks: dict, peers: dict) -> None:
         if self.closed:
             return
+        if networks != self._applied:
+            self._apply_networks(networks)
+        if peers != self._peers_applied or networks != self._applied:
+            self._apply_overlay(networks, peers)
+        self._applied = networks
+
+    def _apply_overlay(self, networks: dict, peers: dict) -> None:
+        from discovery.host import netlink, overlay
+
+        present = overlay.list_vxlans(self.prefix)
+        if peers and self.overlay_mtu is None:
+            self.overlay_mtu = overlay.overlay_mtu(self.vtep)
+        for name, wanted in peers.items():
+            network = networks[name]
+            if name not in present or self._applied.get(name) != network:
+                overlay.ensure_vxlan(self.prefix, network, netlink.bridge_name(self.prefix, name), self.vtep,
+                                     self.vxlan_port, self.overlay_mtu)
+            if self._peers_applied.get(name) != wanted or name not in present:
+                added, removed = overlay.sync_peers(overlay.vxlan_name(self.prefix, name), set(wanted))
+                log.info("overlay peers synced network=%s peers=%d added=%d removed=%d",
+                         name, len(wanted), added, removed)
+        for name, ifname in present.items():
+            if name not in peers:
+                overlay.remove_vxlan(ifname)
+                log.info("vxlan removed network=%s vxlan=%s", name, ifname)
+        self._peers_applied = peers
+
+    def _apply_networks(self, networks: dict) -> None:
+        from discovery.host import firewall, netlink  # pyroute2 and iptc: loaded after DNS is served
 
         present = netlink.list_bridges(self.prefix)
         for name, network in networks.items():
@@ -103,7 +152,6 @@ class HostSync:
                 log.info("bridge removed network=%s bridge=%s", name, bridge.ifname)
         firewall.sync(self.prefix, networks.values())
         self._apply_docker(networks)
-        self._applied = networks
 
     def _apply_docker(self, networks: dict) -> None:
         from discovery.host import docker_forward, firewall
@@ -147,13 +195,14 @@ class AgentSandboxes:
     def __init__(self, options: NodeOptions) -> None:
         self.home = options.state_dir
         self.socket_path = options.state_dir / "agent.sock"
-        self.host_sync = HostSync(options.prefix)
         self.docker_url = options.docker
         self.remove_on_exit = options.remove_on_exit
         self.advertise_addr = options.advertise_addr or default_advertise_addr()
+        self.host_sync = HostSync(options.prefix, options.node, self.advertise_addr, options.vxlan_port)
 
     def attach(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
+        runtime.sandboxes.underlay = self.advertise_addr  # overlay veths take its MTU minus 50
         runtime.watcher.subscribe(self.host_sync.on_view)
         runtime.tasks.append(self.host_sync.run)
         m = runtime.metrics

@@ -72,7 +72,8 @@ class NodeOptions:
     docker: str | None = None  # the Docker engine's URL: serve its labelled containers (agent only)
     remove_on_exit: bool = False  # agent: SIGTERM removes its sandboxes, bridges and rules (compose)
     advertise_addr: str | None = None  # agent: the address other hosts reach it on (None: the default route's)
-    netns_prefix: str = defaults.NETNS_PREFIX  # /run/netns/<prefix><sandbox>: per agent where several share /run
+    netns_prefix: str = defaults.NETNS_PREFIX
+    vxlan_port: int = defaults.VXLAN_PORT  # agent: UDP port of overlay networks' VXLAN  # /run/netns/<prefix><sandbox>: per agent where several share /run
 
 
 class SandboxSource(Protocol):

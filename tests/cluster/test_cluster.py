@@ -19,6 +19,7 @@ from tests.helpers import require_root, require_tools, wait
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = str(ROOT / "scripts" / "cluster.sh")
+TASK_SERVER = str(ROOT / "tests" / "taskserver.py")
 
 
 class Cluster:
@@ -71,13 +72,51 @@ def test_three_hosts_three_etcd_members_every_node_ready(cluster):
         "the client namespace is on the underlay"
 
 
-def test_names_registered_on_one_host_resolve_on_another(cluster):
-    cluster.svcnet("h1", "network", "create", "front", "--subnet", "10.61.0.0/24")
+def test_overlay_spans_hosts_names_ping_at_the_overlay_mtu_and_one_vip_balances_all(cluster):
+    cluster.svcnet("h1", "network", "create", "front", "--driver", "overlay", "--subnet", "10.61.0.0/24")
+    network = json.loads(cluster.svcnet("h2", "network", "inspect", "front", "--format", "json"))
+    assert network["driver"] == "overlay" and network["vni"] >= 4096
+    cluster.svcnet("h1", "service", "create", "web", "--network", "front")
+    for host in ("h1", "h2", "h3"):
+        task = "t" + host[1]
+        cluster.svcnet(host, "run", "-d", "--name", task, "--network", "front", "--service", "web", "--",
+                       "python3", TASK_SERVER, task, "8080")
     cluster.svcnet("h1", "run", "-d", "--name", "a1", "--network", "front", "--", "sleep", "1000")
     cluster.svcnet("h3", "run", "-d", "--name", "c3", "--network", "front", "--", "sleep", "1000")
-    address = json.loads(cluster.svcnet("h1", "ps", "--format", "json"))[0]["endpoints"][0]["ipv4"]
-    assert wait(lambda: cluster.dig("h3", "c3", "a1") == [address], 5)
-    assert json.loads(cluster.svcnet("h2", "node", "inspect", "h1", "--format", "json"))["endpoints"] == ["front/a1"]
+    address = json.loads(cluster.svcnet("h1", "node", "inspect", "h1", "--format", "json"))["endpoints"]
+    assert "front/a1" in address
+    assert wait(lambda: len(cluster.dig("h3", "c3", "a1")) == 1, 5)
+    # across hosts by name, and at the overlay MTU with DF set: 1450 - 28 bytes of ICMP payload
+    ping = cluster.on("h3", "svcnet", "exec", "c3", "--", "ping", "-c2", "-W2", "-M", "do", "-s", "1422", "a1",
+                      check=False)
+    assert " 0% packet loss" in ping, ping
+    too_big = cluster.on("h3", "svcnet", "exec", "c3", "--", "ping", "-c1", "-W2", "-M", "do", "-s", "1423", "a1",
+                         check=False)
+    assert " 0% packet loss" not in too_big, "the veth's MTU is the underlay's minus 50"
+    vxlan = cluster.on("h2", "ip", "-d", "link", "show", "type", "vxlan")
+    assert f"vxlan id {network['vni']}" in vxlan and "nolearning" in vxlan and "mtu 1450" in vxlan, vxlan
+    assert wait(lambda: len(cluster.dig("h3", "c3", "tasks.web")) == 3, 5)
+    vip = json.loads(cluster.svcnet("h1", "service", "inspect", "web", "--format", "json"))["vips"]["front"]
+    script = ("import socket, collections\nc = collections.Counter()\nfor _ in range(90):\n"
+              f"    s = socket.create_connection(('{vip}', 8080), timeout=2)\n"
+              "    c[s.recv(64).split(b'\\n')[0].decode()] += 1\n    s.close()\nprint(sorted(c))")
+    for host, sandbox in (("h1", "a1"), ("h3", "c3")):
+        seen = cluster.on(host, "svcnet", "exec", sandbox, "--", "python3", "-c", script).strip()
+        assert seen == "['t1', 't2', 't3']", (host, seen)
+
+
+def test_two_overlays_never_see_each_other_and_the_client_reaches_neither(cluster):
+    cluster.svcnet("h2", "network", "create", "back", "--driver", "overlay", "--subnet", "10.62.0.0/24")
+    cluster.svcnet("h2", "run", "-d", "--name", "b2", "--network", "back", "--", "sleep", "1000")
+    cluster.svcnet("h1", "run", "-d", "--name", "b1", "--network", "back", "--", "sleep", "1000")
+    assert wait(lambda: len(cluster.dig("h1", "b1", "b2")) == 1, 5)
+    assert " 0% packet loss" in cluster.on("h1", "svcnet", "exec", "b1", "--", "ping", "-c1", "-W2", "b2")
+    front_a1 = cluster.dig("h3", "c3", "a1")[0]
+    assert cluster.dig("h1", "b1", "a1") == [] and cluster.dig("h1", "b1", "web") == [], "no names across"
+    crossing = cluster.on("h1", "svcnet", "exec", "b1", "--", "ping", "-c1", "-W1", front_a1, check=False)
+    assert " 0% packet loss" not in crossing, "no packets across"
+    outside = cluster.run("client", "--", "ping", "-c1", "-W1", front_a1, check=False)
+    assert outside.returncode != 0, "the client namespace reaches no overlay address"
 
 
 def test_dns_answers_every_20ms_while_an_etcd_member_dies_and_returns(cluster):
@@ -115,8 +154,13 @@ def test_a_dead_agents_tasks_leave_answers_within_the_lease_and_return_with_thei
     assert time.monotonic() - killed <= 10 + 1 + 2, "lease TTL (10 s) + 1 s, and the dig's own time"
     node = json.loads(cluster.svcnet("h3", "node", "inspect", "h1", "--format", "json"))
     assert node["status"] == "down"
+    h1 = cluster.run("addr", "h1").stdout.strip()
+    assert wait(lambda: f"dst {h1}" not in cluster.on("h3", "bridge", "fdb", "show"), 3), "h3 forgot h1's endpoints"
     cluster.run("start", "h1", "agent")
     assert wait(lambda: cluster.dig("h3", "c3", "a1") == address, 5), "back, same address"
+    assert wait(lambda: f"dst {h1}" in cluster.on("h3", "bridge", "fdb", "show"), 3)
+    ping = cluster.on("h3", "svcnet", "exec", "c3", "--", "ping", "-c1", "-W2", "a1", check=False)
+    assert " 0% packet loss" in ping, ping
     assert json.loads(cluster.svcnet("h2", "node", "inspect", "h1", "--format", "json"))["status"] == "ready"
 
 

@@ -1,0 +1,145 @@
+"""Overlay networks: one L2 segment across hosts, over VXLAN, programmed from the View.
+
+As Docker's overlay driver does from its peer table, nothing is learned on the wire: on
+each host an overlay network's bridge gets a VXLAN port (learning off, ARP proxy on), and
+every *remote* endpoint is written statically from the View — an FDB entry from its MAC to
+its host's VTEP and a neighbour entry from its IP to its MAC, so ARP is answered on the
+spot and no broadcast crosses hosts. MACs are derived from IPs (``02:42:`` + the IPv4
+address, as Docker), so a host knows a remote endpoint's MAC without asking. Veths on an
+overlay network get the underlay's MTU minus the 50 bytes VXLAN adds, so nothing fragments.
+
+``sync_peers`` converges one VXLAN device to the peers it should have: what is missing is
+added, what is stale is removed, what is right is left alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from pyroute2 import IPRoute, NetlinkError
+
+from discovery.state.model import Network
+
+log = logging.getLogger(__name__)
+
+VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+DEFAULT_PORT = 4789  # IANA's VXLAN port
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+
+
+def mac_for(ipv4: str | IPv4Address) -> str:
+    """10.1.2.3 -> 02:42:0a:01:02:03 (locally administered, unique per address)."""
+    return "02:42:" + ":".join(f"{octet:02x}" for octet in IPv4Address(str(ipv4)).packed)
+
+
+def vxlan_name(prefix: str, network: str) -> str:
+    return "svvx" + hashlib.sha1(f"{prefix}\0{network}".encode()).hexdigest()[:8]
+
+
+def vxlan_alias(prefix: str, network: str) -> str:
+    return f"svcnet-vxlan:{prefix}:{network}"
+
+
+def overlay_mtu(underlay: str | None) -> int:
+    """The MTU for overlay veths: that of the interface holding ``underlay``, minus VXLAN's 50."""
+    with IPRoute() as ipr:
+        for addr in ipr.get_addr(family=2):
+            if addr.get("address") == underlay:
+                link = ipr.get_links(addr["index"])[0]
+                return int(link.get("mtu")) - VXLAN_OVERHEAD
+    return 1500 - VXLAN_OVERHEAD
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote endpoint as this host's VXLAN device must know it."""
+
+    ipv4: str
+    mac: str
+    vtep: str
+
+
+def list_vxlans(prefix: str) -> dict[str, str]:
+    """svcnet's VXLAN devices for ``prefix``: network name -> ifname."""
+    mark = f"svcnet-vxlan:{prefix}:"
+    with IPRoute() as ipr:
+        return {(link.get("ifalias") or "")[len(mark):]: link.get("ifname") for link in ipr.get_links()
+                if (link.get("ifalias") or "").startswith(mark)}
+
+
+def ensure_vxlan(prefix: str, network: Network, bridge: str, local: str, port: int, mtu: int) -> str:
+    """Create (or repair) the network's VXLAN port on ``bridge``; return its name."""
+    name = vxlan_name(prefix, network.name)
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if found:
+            info = ipr.get_links(found[0])[0].get(("IFLA_LINKINFO", "IFLA_INFO_DATA")) or {}
+            if (info.get("IFLA_VXLAN_ID"), info.get("IFLA_VXLAN_LOCAL"), info.get("IFLA_VXLAN_PORT")) != \
+                    (network.vni, local, port):
+                ipr.link("del", index=found[0])  # a VNI, address or port that changed: made anew
+                found = []
+        if not found:
+            try:
+                ipr.link("add", ifname=name, kind="vxlan", vxlan_id=network.vni, vxlan_local=local,
+                         vxlan_port=port, vxlan_learning=0, vxlan_proxy=1, mtu=mtu)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+            found = ipr.link_lookup(ifname=name)
+            log.info("vxlan created network=%s vxlan=%s vni=%s local=%s port=%d mtu=%d",
+                     network.name, name, network.vni, local, port, mtu)
+        master = ipr.link_lookup(ifname=bridge)
+        ipr.link("set", index=found[0], master=master[0], ifalias=vxlan_alias(prefix, network.name), state="up")
+    return name
+
+
+def remove_vxlan(ifname: str) -> None:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if found:
+            ipr.link("del", index=found[0])
+
+
+def sync_peers(ifname: str, peers: set[Peer]) -> tuple[int, int]:
+    """Make the device's static FDB and neighbour entries exactly ``peers``; (added, removed)."""
+    added = removed = 0
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return 0, 0
+        index = found[0]
+        fdb = {}
+        for entry in ipr.fdb("dump", ifindex=index):
+            mac, dst = entry.get("NDA_LLADDR"), entry.get("NDA_DST")
+            if entry["ifindex"] == index and dst is not None and mac is not None:
+                fdb[(mac, dst)] = entry
+        neighbours = {}
+        for entry in ipr.get_neighbours(ifindex=index, family=2):
+            if entry.get("NDA_DST") and entry.get("NDA_LLADDR"):
+                neighbours[(entry.get("NDA_DST"), entry.get("NDA_LLADDR"))] = entry
+        wanted_fdb = {(p.mac, p.vtep) for p in peers}
+        wanted_neigh = {(p.ipv4, p.mac) for p in peers}
+        for mac, dst in set(fdb) - wanted_fdb:
+            _quiet(ipr.fdb, "del", ifindex=index, lladdr=mac, dst=dst)
+            removed += 1
+        for ip, mac in set(neighbours) - wanted_neigh:
+            _quiet(ipr.neigh, "del", dst=ip, lladdr=mac, ifindex=index)
+        for mac, dst in wanted_fdb - set(fdb):
+            ipr.fdb("append", ifindex=index, lladdr=mac, dst=dst, state=NUD_PERMANENT, flags=NTF_SELF)
+            added += 1
+        for ip, mac in wanted_neigh - set(neighbours):
+            ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=index, state=NUD_PERMANENT)
+    return added, removed
+
+
+def _quiet(call, *args, **kwargs) -> None:
+    try:
+        call(*args, **kwargs)
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENOENT, errno.ESRCH):
+            raise
