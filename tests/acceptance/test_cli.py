@@ -181,7 +181,8 @@ def test_agent_restart_reregisters_sandboxes_under_a_new_lease(cli):
     second = cli.start_agent("--lease-ttl", "2")
     assert second.pid != first.pid
     def sandbox_keys(items: dict[str, bytes]) -> dict[str, bytes]:
-        return {k: v for k, v in items.items() if "/nodes/" not in k}  # a node's value carries its start time
+        # a node's value carries its start time, its heartbeat its lease
+        return {k: v for k, v in items.items() if "/nodes/" not in k and "/alive/" not in k}
     try:
         _wait_until(lambda: sandbox_keys(cli.registry_items()) == sandbox_keys(before), 3,
                     "the restarted agent re-registered every key")
@@ -200,7 +201,7 @@ def test_ls_and_inspect_emit_json(cli):
     cli.run("network", "create", net, "--subnet", "10.69.0.0/24", "--internal")
     listing = cli.json("network", "ls")
     assert listing == [{"name": net, "subnet": "10.69.0.0/24", "gateway": "10.69.0.1", "subnet6": None,
-                        "gateway6": None, "driver": "bridge", "internal": True}]
+                        "gateway6": None, "driver": "bridge", "internal": True, "vni": None}]
     table = cli.run("network", "ls").stdout.splitlines()
     assert table[0].split() == ["NAME", "DRIVER", "SUBNET", "GATEWAY", "SUBNET6", "INTERNAL"]
     assert json.loads(cli.run("network", "inspect", net, "--format", "json").stdout)["internal"] is True

@@ -145,6 +145,30 @@ def test_dns_answers_every_20ms_while_an_etcd_member_dies_and_returns(cluster):
     cluster.svcnet("h1", "service", "create", "after", "--network", "front")  # the cluster still takes writes
 
 
+def test_writes_and_the_watch_go_through_an_etcd_member_dying_none_lost_none_twice(cluster):
+    """A writer on h1 and a watcher on h3, both on all three endpoints, while h1's member dies."""
+    probe = str(ROOT / "tests" / "cluster" / "failover_probe.py")
+    prefix = "/failover-probe"
+    watcher = subprocess.Popen([CLUSTER, "on", "h3", "--", "python3", probe, "watch", prefix], env=cluster.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = subprocess.Popen([CLUSTER, "on", "h1", "--", "python3", probe, "write", prefix, "8"], env=cluster.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    cluster.run("kill", "h1", "etcd")
+    time.sleep(3)
+    cluster.run("start", "h1", "etcd")
+    written, errors = writer.communicate(timeout=120)
+    assert writer.returncode == 0, errors[-2000:]
+    acknowledged = json.loads(written)["acknowledged"]
+    seen, errors = watcher.communicate(timeout=120)
+    assert watcher.returncode == 0, errors[-2000:]
+    result = json.loads(seen)
+    assert result["services"] == sorted([f"s{i}" for i in range(acknowledged)] + ["done"]), "none lost"
+    revisions = result["revisions"]
+    assert revisions == sorted(set(revisions)), "no revision published twice or out of order"
+    assert acknowledged > 50, acknowledged
+
+
 def test_a_dead_agents_tasks_leave_answers_within_the_lease_and_return_with_their_addresses(cluster):
     address = cluster.dig("h3", "c3", "a1")
     assert address
