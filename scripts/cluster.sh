@@ -3,7 +3,8 @@
 # namespace with one underlay interface on a shared bridge, its own etcd member (h1..h3
 # form one 3-member cluster; more hosts are its clients) and its own `svcnet agent`.
 #
-#   scripts/cluster.sh up [N]              start N hosts (default 3); returns when every agent is ready
+#   scripts/cluster.sh up [N] [--tls]      start N hosts (default 3); returns when every agent is ready;
+#                                          --tls: etcd on TLS with client certificates (peers too)
 #   scripts/cluster.sh on HOST -- CMD...   run CMD as HOST: in its netns, with its etcd and state dir
 #   scripts/cluster.sh client -- CMD...    run CMD in a namespace on the underlay outside the cluster
 #   scripts/cluster.sh addr HOST           print HOST's underlay address
@@ -35,16 +36,46 @@ check_host() {
     [[ $1 =~ ^h[0-9]+$ ]] || die "no host named '$1': hosts are h1..hN"
     grep -qx "$1" "$DIR/hosts" 2>/dev/null || die "no host $1 in this cluster (up: $(hosts | tr '\n' ' '))"
 }
+scheme() { if [[ -d $DIR/tls ]]; then echo https; else echo http; fi; }
 etcd_endpoints() {
     local i urls=()
-    for i in $(seq 1 "$(etcd_count)"); do urls+=("http://$(host_addr "h$i"):2379"); done
+    for i in $(seq 1 "$(etcd_count)"); do urls+=("$(scheme)://$(host_addr "h$i"):2379"); done
     (IFS=,; echo "${urls[*]}")
+}
+tls_env() {
+    [[ -d $DIR/tls ]] && echo SVCNET_ETCD_CACERT="$DIR/tls/ca.crt" SVCNET_ETCD_CERT="$DIR/tls/client.crt" \
+        SVCNET_ETCD_KEY="$DIR/tls/client.key" ETCDCTL_CACERT="$DIR/tls/ca.crt" ETCDCTL_CERT="$DIR/tls/client.crt" \
+        ETCDCTL_KEY="$DIR/tls/client.key"
+    return 0
 }
 etcd_count() { local n; n=$(hosts | wc -l); echo $((n < ETCD_MEMBERS ? n : ETCD_MEMBERS)); }
 host_env() {  # the environment a process on HOST sees
     echo SVCNET_ETCD="$(etcd_endpoints)" SVCNET_STATE_DIR="$DIR/$1/state" SVCNET_NODE="$1" \
         SVCNET_NETNS_PREFIX="svcnet-$1-" SVCNET_ADVERTISE_ADDR="$(host_addr "$1")" SVCNET_UPSTREAM=127.0.0.1:9 \
-        PATH="$ROOT/.venv/bin:$PATH"
+        ETCDCTL_ENDPOINTS="$(etcd_endpoints)" PATH="$ROOT/.venv/bin:$PATH" "$(tls_env)"
+}
+
+make_tls() {  # a CA, one certificate for every member (server and peer), one for the clients
+    local tls=$DIR/tls sans="IP:127.0.0.1" i
+    for i in $(seq 1 "$(etcd_count)"); do sans+=",IP:$(host_addr "h$i")"; done
+    mkdir -p "$tls"
+    (
+        cd "$tls"
+        key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:prime256v1 -out "$1" 2>/dev/null; }
+        key ca.key
+        openssl req -x509 -new -key ca.key -out ca.crt -days 2 -subj /CN=svccl-ca 2>/dev/null
+        for who in member client; do
+            key "$who.key"
+            openssl req -new -key "$who.key" -out "$who.csr" -subj "/CN=svccl-$who" 2>/dev/null
+        done
+        printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$sans" >member.ext
+        printf 'extendedKeyUsage=clientAuth\n' >client.ext
+        for who in member client; do
+            openssl x509 -req -in "$who.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+                -extfile "$who.ext" -out "$who.crt" 2>/dev/null
+        done
+        chmod 600 ./*.key
+    )
 }
 
 # ---- processes ---------------------------------------------------------------------
@@ -68,13 +99,20 @@ ours() {  # ours HOST NAME: the pid of that process if it still runs (and is wha
 
 start_etcd() {
     local host=$1 i peers=() state=new
-    for i in $(seq 1 "$(etcd_count)"); do peers+=("h$i=http://$(host_addr "h$i"):2380"); done
+    for i in $(seq 1 "$(etcd_count)"); do peers+=("h$i=$(scheme)://$(host_addr "h$i"):2380"); done
     [[ -d $DIR/$host/etcd/member ]] && state=existing
+    local url tls=()
+    url="$(scheme)://$(host_addr "$host")"
+    if [[ -d $DIR/tls ]]; then
+        tls=(--cert-file "$DIR/tls/member.crt" --key-file "$DIR/tls/member.key" --trusted-ca-file "$DIR/tls/ca.crt"
+             --client-cert-auth --peer-cert-file "$DIR/tls/member.crt" --peer-key-file "$DIR/tls/member.key"
+             --peer-trusted-ca-file "$DIR/tls/ca.crt" --peer-client-cert-auth)
+    fi
     spawn "$host" etcd etcd --name "$host" --data-dir "$DIR/$host/etcd" \
-        --listen-client-urls "http://$(host_addr "$host"):2379" --advertise-client-urls "http://$(host_addr "$host"):2379" \
-        --listen-peer-urls "http://$(host_addr "$host"):2380" --initial-advertise-peer-urls "http://$(host_addr "$host"):2380" \
+        --listen-client-urls "$url:2379" --advertise-client-urls "$url:2379" \
+        --listen-peer-urls "$url:2380" --initial-advertise-peer-urls "$url:2380" \
         --initial-cluster "$(IFS=,; echo "${peers[*]}")" --initial-cluster-state "$state" \
-        --initial-cluster-token svccl --heartbeat-interval 50 --election-timeout 500
+        --initial-cluster-token svccl --heartbeat-interval 50 --election-timeout 500 "${tls[@]}"
 }
 
 start_agent() {
@@ -100,8 +138,10 @@ wait_etcd() {
     local i
     for _ in $(seq 300); do
         for i in $(seq 1 "$(etcd_count)"); do
-            nsenter --net="/run/netns/$(host_ns "h$i")" curl -sf --max-time 1 "http://$(host_addr "h$i"):2379/health" \
-                | grep -q '"health":"true"' && return 0
+            local tls=()
+            [[ -d $DIR/tls ]] && tls=(--cacert "$DIR/tls/ca.crt" --cert "$DIR/tls/client.crt" --key "$DIR/tls/client.key")
+            nsenter --net="/run/netns/$(host_ns "h$i")" curl -sf --max-time 1 "${tls[@]}" \
+                "$(scheme)://$(host_addr "h$i"):2379/health" | grep -q '"health":"true"' && return 0
         done
         sleep 0.1
     done
@@ -111,15 +151,22 @@ wait_etcd() {
 # ---- verbs -------------------------------------------------------------------------
 
 cmd_up() {
-    local count=${1:-3} i host
+    local count=3 with_tls=0 i host arg
+    for arg in "$@"; do
+        case $arg in
+            --tls) with_tls=1 ;;
+            *) count=$arg ;;
+        esac
+    done
     [[ $count =~ ^[0-9]+$ && $count -ge 1 && $count -le 200 ]] || die "up takes a host count, 1 to 200"
     [[ -e $DIR/hosts ]] && die "a cluster is up ($(hosts | tr '\n' ' ')); 'scripts/cluster.sh down' first"
-    for tool in etcd ip nsenter curl; do
+    for tool in etcd ip nsenter curl openssl; do
         command -v "$tool" >/dev/null || { "$ROOT/scripts/install-deps.sh"; break; }
     done
     [[ -x $PYTHON ]] || "$ROOT/scripts/install-deps.sh"
     mkdir -p "$DIR"
     seq 1 "$count" | sed 's/^/h/' >"$DIR/hosts"
+    if ((with_tls)); then echo "==> TLS: a CA, member and client certificates ($DIR/tls)"; make_tls; fi
     ip link add "$BRIDGE" type bridge
     ip link set "$BRIDGE" up
     for host in $(hosts) client; do

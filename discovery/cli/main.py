@@ -61,6 +61,11 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                        help=f"local state: agent socket, sandboxes, local etcd (env SVCNET_STATE_DIR; default {DEFAULT_STATE_DIR})")
     group.add_argument("--log-level", default=default(os.environ.get("SVCNET_LOG_LEVEL", "warning")),
                        choices=["debug", "info", "warning", "error"], help="log verbosity (default warning)")
+    for flag, env, what in (("--etcd-cacert", "SVCNET_ETCD_CACERT", "the CA that signed etcd's certificates"),
+                            ("--etcd-cert", "SVCNET_ETCD_CERT", "this client's certificate (etcd --client-cert-auth)"),
+                            ("--etcd-key", "SVCNET_ETCD_KEY", "that certificate's key")):
+        group.add_argument(flag, metavar="FILE", default=default(os.environ.get(env)),
+                           help=f"TLS to etcd (https:// URLs): {what} (env {env})")
 
 
 def _command(sub, name: str, help_text: str, example: str, func) -> argparse.ArgumentParser:
@@ -752,6 +757,10 @@ def cmd_sidecar(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for option, env in (("etcd_cacert", "SVCNET_ETCD_CACERT"), ("etcd_cert", "SVCNET_ETCD_CERT"),
+                        ("etcd_key", "SVCNET_ETCD_KEY")):
+        if getattr(args, option, None):  # read by the etcd client, and inherited by an agent started on demand
+            os.environ[env] = str(Path(getattr(args, option)).resolve())
     if args.func not in (cmd_ps, cmd_rm, cmd_exec):  # agent-only commands print, they do not log
         from discovery import log
 

@@ -35,8 +35,8 @@ def parse_endpoints(text: str) -> list[tuple[str, int]]:
     endpoints = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         parts = urlsplit(item if "://" in item else f"http://{item}")
-        if parts.scheme not in ("http", ""):
-            raise ValidationError(f"etcd URL {item!r}: only http:// is supported")
+        if parts.scheme not in ("http", "https", ""):
+            raise ValidationError(f"etcd URL {item!r}: use http:// or https://")
         if not parts.hostname:
             raise ValidationError(f"etcd URL {item!r} has no host; use http://HOST:PORT")
         try:
@@ -119,13 +119,87 @@ def grpc_target(endpoints: list[tuple[str, int]]) -> str:
     return "ipv6:" + ",".join(f"[{a}]:{p}" for a, (_, p) in zip(mapped, addresses, strict=True))
 
 
+class TlsFiles:
+    """Client TLS for etcd, from SVCNET_ETCD_CACERT / _CERT / _KEY (the CLI's --etcd-cacert,
+    --etcd-cert, --etcd-key set them, so an agent the CLI starts inherits them)."""
+
+    def __init__(self, cacert: str, cert: str | None, key: str | None, server_name: str | None) -> None:
+        if bool(cert) != bool(key):
+            raise ValidationError("give --etcd-cert and --etcd-key together (a client certificate and its key)")
+        try:
+            self.cacert = open(cacert, "rb").read()
+            self.cert = open(cert, "rb").read() if cert else None
+            self.key = open(key, "rb").read() if key else None
+        except OSError as exc:
+            raise ValidationError(f"cannot read an etcd TLS file {exc.filename!r}: {exc.strerror}") from None
+        self.server_name = server_name
+
+    @classmethod
+    def from_env(cls, urls: str) -> TlsFiles | None:
+        """TLS if the URLs say https:// (all of them: one channel spans every endpoint)."""
+        schemes = {"https" if u.strip().startswith("https://") else "http" for u in urls.split(",") if u.strip()}
+        cacert = os.environ.get("SVCNET_ETCD_CACERT")
+        if schemes == {"http", "https"}:
+            raise ValidationError("etcd URLs mix http:// and https://; give every member the same scheme")
+        if "https" not in schemes:
+            if cacert:
+                raise ValidationError("--etcd-cacert is given but the etcd URLs are http://; use https:// URLs")
+            return None
+        if not cacert:
+            raise ValidationError("an https:// etcd URL needs --etcd-cacert (and --etcd-cert/--etcd-key "
+                                  "where etcd checks client certificates)")
+        return cls(cacert, os.environ.get("SVCNET_ETCD_CERT"), os.environ.get("SVCNET_ETCD_KEY"),
+                   os.environ.get("SVCNET_ETCD_SERVER_NAME"))
+
+
+class _TlsClient(aetcd.Client):
+    """aetcd dials plaintext only: the same client over a TLS channel."""
+
+    def __init__(self, *args, tls: TlsFiles, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._tls = tls
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        from aetcd import rpc, watcher
+
+        try:
+            self._is_connecting = True
+            credentials = grpc.ssl_channel_credentials(self._tls.cacert, self._tls.key, self._tls.cert)
+            self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}", credentials,
+                                                   options=list(self._options.items()))
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                            metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
 def client_for(urls: str, timeout: float | None = None) -> aetcd.Client:
-    """A client on every endpoint of ``urls``; it connects on first use (no network here)."""
-    target = grpc_target(parse_endpoints(urls))
+    """A client on every endpoint of ``urls``; it connects on first use (no network here).
+
+    Over TLS (SVCNET_ETCD_CACERT set) one gRPC channel spans every endpoint, so every member's
+    certificate is checked against one name: the first endpoint's host, or SVCNET_ETCD_SERVER_NAME.
+    """
+    endpoints = parse_endpoints(urls)
+    target = grpc_target(endpoints)
     # aetcd dials f"{host}:{port}"; split our multi-address target where it will be joined again
     host, _, port = target.rpartition(":")
-    return aetcd.Client(host=host, port=int(port), timeout=timeout if timeout is not None else default_timeout(),
-                        options=CHANNEL_OPTIONS)
+    timeout = timeout if timeout is not None else default_timeout()
+    tls = TlsFiles.from_env(urls)
+    if tls is None:
+        return aetcd.Client(host=host, port=int(port), timeout=timeout, options=CHANNEL_OPTIONS)
+    options = dict(CHANNEL_OPTIONS, **{"grpc.ssl_target_name_override": tls.server_name or endpoints[0][0],
+                                       "grpc.default_authority": tls.server_name or endpoints[0][0]})
+    return _TlsClient(host=host, port=int(port), timeout=timeout, options=options, tls=tls)
 
 
 async def connect(urls: str, timeout: float | None = None) -> aetcd.Client:
