@@ -22,16 +22,11 @@ fi
 cmd_install() {
     # debian-archive-keyring: debootstrap checks bookworm with it (Ubuntu lacks it);
     # busybox-static: the Docker lane's 2 MB test image
-    local packages=(debootstrap debian-archive-keyring busybox-static) missing=()
+    local packages=(debootstrap debian-archive-keyring busybox-static)
     command -v dockerd >/dev/null && command -v docker >/dev/null || packages+=(docker.io)
-    for pkg in "${packages[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-    done
-    if ((${#missing[@]})); then
-        echo "==> apt-get install ${missing[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
+    # shellcheck source=scripts/lib/apt.sh
+    source scripts/lib/apt.sh
+    apt_install "${packages[@]}"
 
     if docker compose version >/dev/null 2>&1; then
         return

@@ -14,15 +14,9 @@ if [[ ${1:-} == --with-vm-lane ]]; then
     APT_PACKAGES+=(linux-image-amd64 qemu-system-x86 busybox-static)
 fi
 
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-    echo "==> apt-get install ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+# shellcheck source=scripts/lib/apt.sh
+source scripts/lib/apt.sh
+apt_install "${APT_PACKAGES[@]}"
 
 if [[ ! -x .venv/bin/python ]]; then
     echo "==> creating .venv"
