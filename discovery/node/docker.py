@@ -142,10 +142,13 @@ class DockerContainers:
             await asyncio.sleep(delay)
 
     async def _follow(self, docker) -> None:
-        """Subscribe first, then list: an event during the listing waits in the queue."""
+        """Subscribe first, then list: an event during the listing waits in the queue. The
+        stream asks for events *since* a second before it started, so one that happens before
+        its request reaches dockerd is replayed too (handlers are idempotent: twice is fine)."""
         self.docker = docker
         subscriber = docker.events.subscribe(create_task=False)
         stream = asyncio.create_task(docker.events.run(
+            since=str(int(time.time()) - 1),
             filters=json.dumps({"type": ["container"], "label": [LABEL_NETWORKS]})), name="docker-events")
         try:
             await docker.version()  # raises at once if the engine is not there
