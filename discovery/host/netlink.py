@@ -92,9 +92,8 @@ class BridgeState:
     index: int
 
 
-def list_bridges(prefix: str) -> dict[str, BridgeState]:
-    """svcnet's bridges for ``prefix``, by network name."""
-    mark = f"svcnet:{prefix}:"
+def links_by_alias(mark: str) -> dict[str, BridgeState]:
+    """Links whose ifalias starts with ``mark``, by the rest of it (the network name)."""
     found = {}
     with IPRoute() as ipr:
         for link in ipr.get_links():
@@ -103,6 +102,11 @@ def list_bridges(prefix: str) -> dict[str, BridgeState]:
                 network = alias[len(mark):]
                 found[network] = BridgeState(link.get("ifname"), network, link["index"])
     return found
+
+
+def list_bridges(prefix: str) -> dict[str, BridgeState]:
+    """svcnet's bridges for ``prefix``, by network name."""
+    return links_by_alias(f"svcnet:{prefix}:")
 
 
 def ensure_bridge(prefix: str, network: Network) -> str:

@@ -15,6 +15,7 @@ added, what is stale is removed, what is right is left alone.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -45,8 +46,12 @@ def vxlan_alias(prefix: str, network: str) -> str:
     return f"svcnet-vxlan:{prefix}:{network}"
 
 
+@functools.cache
 def overlay_mtu(underlay: str | None) -> int:
-    """The MTU for overlay veths: that of the interface holding ``underlay``, minus VXLAN's 50."""
+    """The MTU for overlay veths: that of the interface holding ``underlay``, minus VXLAN's 50.
+
+    Read once per process (the bridge's VXLAN port and every veth must agree); call it from
+    a worker thread: pyroute2's sync API refuses to run under the event loop."""
     with IPRoute() as ipr:
         for addr in ipr.get_addr(family=2):
             if addr.get("address") == underlay:
@@ -66,10 +71,9 @@ class Peer:
 
 def list_vxlans(prefix: str) -> dict[str, str]:
     """svcnet's VXLAN devices for ``prefix``: network name -> ifname."""
-    mark = f"svcnet-vxlan:{prefix}:"
-    with IPRoute() as ipr:
-        return {(link.get("ifalias") or "")[len(mark):]: link.get("ifname") for link in ipr.get_links()
-                if (link.get("ifalias") or "").startswith(mark)}
+    from .netlink import links_by_alias
+
+    return {network: link.ifname for network, link in links_by_alias(f"svcnet-vxlan:{prefix}:").items()}
 
 
 def ensure_vxlan(prefix: str, network: Network, bridge: str, local: str, port: int, mtu: int) -> str:

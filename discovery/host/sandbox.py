@@ -196,7 +196,6 @@ class SandboxManager:
         self._early_pins: dict[str, tuple[str, str]] = {}  # name -> (source, pin) pinned before create
         self.netns_prefix = netns_prefix
         self.underlay: str | None = None  # the agent's advertise address: overlay veths get its MTU - 50
-        self._overlay_mtu: int | None = None
         self.records: dict[str, SandboxRecord] = {}
         self._processes: dict[str, subprocess.Popen] = {}
         self._lock = asyncio.Lock()
@@ -384,7 +383,7 @@ class SandboxManager:
                 ipv4=str(endpoint.ipv4), prefixlen4=network.subnet.prefixlen,
                 ipv6=str(endpoint.ipv6) if endpoint.ipv6 else None,
                 prefixlen6=network.subnet6.prefixlen if network.subnet6 else None,
-                mtu=self._mtu_for_overlay() if network.driver == "overlay" else None,
+                mtu=_overlay().overlay_mtu(self.underlay) if network.driver == "overlay" else None,
                 mac=_overlay().mac_for(endpoint.ipv4) if network.driver == "overlay" else None,
             )
             # the default route: in a netns of our own, or a Docker container's (network_mode
@@ -406,11 +405,6 @@ class SandboxManager:
         write_atomically(directory / "hosts", ("\n".join(hosts) + "\n").encode(), 0o644)
         record.files = {"resolv_conf": str(directory / "resolv.conf"), "hosts": str(directory / "hosts"),
                         "log": str(directory / "output.log"), "exit": str(directory / "exit_code")}
-
-    def _mtu_for_overlay(self) -> int:
-        if self._overlay_mtu is None:  # on the build's worker thread: pyroute2 refuses the loop's
-            self._overlay_mtu = _overlay().overlay_mtu(self.underlay)
-        return self._overlay_mtu
 
     def _start(self, record: SandboxRecord) -> None:
         exit_file = Path(record.files.get("exit") or self.root / record.name / "exit_code")

@@ -38,7 +38,6 @@ class HostSync:
     def __init__(self, prefix: str, node: str = "", vtep: str | None = None, vxlan_port: int = 4789) -> None:
         self.prefix = prefix
         self.node, self.vtep, self.vxlan_port = node, vtep, vxlan_port
-        self.overlay_mtu: int | None = None  # read from the underlay interface on first need
         self._latest: View | None = None
         self._dirty = asyncio.Event()
         self._applied: dict = {}
@@ -122,13 +121,11 @@ class HostSync:
         from discovery.host import netlink, overlay
 
         present = overlay.list_vxlans(self.prefix)
-        if peers and self.overlay_mtu is None:
-            self.overlay_mtu = overlay.overlay_mtu(self.vtep)
         for name, wanted in peers.items():
             network = networks[name]
             if name not in present or self._applied.get(name) != network:
                 overlay.ensure_vxlan(self.prefix, network, netlink.bridge_name(self.prefix, name), self.vtep,
-                                     self.vxlan_port, self.overlay_mtu)
+                                     self.vxlan_port, overlay.overlay_mtu(self.vtep))
             if self._peers_applied.get(name) != wanted or name not in present:
                 added, removed = overlay.sync_peers(overlay.vxlan_name(self.prefix, name), set(wanted))
                 log.info("overlay peers synced network=%s peers=%d added=%d removed=%d",
