@@ -128,7 +128,10 @@ import sys
 from discovery.node.client import ApiClient
 sys.exit(0 if ApiClient(sys.argv[1]).call("GET", "/v1/info")["ready"] else 1)
 EOF
-        ours "$host" agent >/dev/null || die "the agent of $host exited; its log: $DIR/$host/agent.log"
+        if ! ours "$host" agent >/dev/null; then
+            tail -n 15 "$DIR/$host/agent.log" >&2
+            die "the agent of $host exited; the end of its log is above ($DIR/$host/agent.log)"
+        fi
         sleep 0.1
     done
     die "the agent of $host was not ready within 30 s; its log: $DIR/$host/agent.log"
