@@ -64,7 +64,7 @@ prefix=/svcnet-compose
 tag=$(.venv/bin/python -c "from discovery.host import firewall; print(firewall.chain_names('$prefix')[0].split('-')[-1])")
 check "svcnet bridges" 0 "$(ip -d -o link show type bridge | grep -c "svcnet:$prefix:" || true)"
 check "svcnet veths" 0 "$(ip -o link show type veth | grep -cE ': sv[0-9a-f]{10}@' || true)"
-check "svcnet chains (legacy)" 0 "$( (iptables-legacy-save; iptables-legacy-save -t nat) 2>/dev/null | grep -c "$tag" || true)"
+check "svcnet chains (legacy)" 0 "$( (iptables-legacy-save; iptables-legacy-save -t nat; iptables-legacy-save -t raw) 2>/dev/null | grep -c "$tag" || true)"
 check "svcnet chains (nft)" 0 "$(iptables-nft-save 2>/dev/null | grep -c "$tag" || true)"
 containers=$(docker ps -aq --filter label=com.docker.compose.project=svcnet | wc -l) || containers="? (docker ps failed)"
 check "svcnet containers" 0 "$containers"

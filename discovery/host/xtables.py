@@ -42,14 +42,19 @@ def ensure_jump(table: iptc.Table, parent: str, chain_name: str) -> bool:
     return changed
 
 
-def drop_chain(table: iptc.Table, parent: str, chain_name: str) -> None:
-    """Remove the jumps from ``parent`` to ``chain_name``, then the chain."""
-    if not table.is_chain(chain_name):
-        return
+def unjump(table: iptc.Table, parent: str, chain_name: str) -> None:
+    """Remove the jumps from ``parent`` to ``chain_name``."""
     parent_chain = iptc.Chain(table, parent)
     for rule in list(parent_chain.rules):
         if rule.target.name == chain_name:
             parent_chain.delete_rule(rule)
+
+
+def drop_chain(table: iptc.Table, parent: str, chain_name: str) -> None:
+    """Remove the jumps from ``parent`` to ``chain_name``, then the chain."""
+    if not table.is_chain(chain_name):
+        return
+    unjump(table, parent, chain_name)
     iptc.Chain(table, chain_name).flush()
     table.delete_chain(chain_name)
 

@@ -147,7 +147,8 @@ class HostSync:
             if name not in networks:
                 netlink.remove_link(bridge.ifname)
                 log.info("bridge removed network=%s bridge=%s", name, bridge.ifname)
-        firewall.sync(self.prefix, networks.values())
+        overlays = any(network.driver == "overlay" for network in networks.values())
+        firewall.sync(self.prefix, networks.values(), self.vxlan_port if self.vtep and overlays else None)
         self._apply_docker(networks)
 
     def _apply_docker(self, networks: dict) -> None:

@@ -595,7 +595,7 @@ def test_remove_on_exit_cleans_up_once_nothing_runs_and_never_under_a_running_sa
     cli.stop_agent()
     assert not os.path.exists(cli.netns(box))
     assert netlink.list_bridges(cli.prefix) == {}
-    for table, chain in (("filter", forward), ("nat", nat)):
+    for table, chain in (("filter", forward), ("nat", nat), ("raw", firewall.raw_chain_name(cli.prefix))):
         rules = subprocess.run(["iptables-legacy-save", "-t", table], capture_output=True, text=True).stdout
         assert chain not in rules, rules
     assert not any(f"/{box}" in key for key in cli.registry_items()), "deregistered"

@@ -104,6 +104,26 @@ def test_overlay_spans_hosts_names_ping_at_the_overlay_mtu_and_one_vip_balances_
         assert seen == "['t1', 't2', 't3']", (host, seen)
 
 
+def test_hosts_do_not_track_overlay_packets_but_still_track_what_they_route(cluster):
+    """raw NOTRACK for the VXLAN UDP and for frames bridged within a subnet (the overlay
+    throughput figure depends on it); traffic to the host's own gateway address stays tracked."""
+    require_tools("conntrack")
+    c3 = next(r for r in json.loads(cluster.svcnet("h3", "ps", "--format", "json")) if r["name"] == "c3")
+    source = c3["endpoints"][0]["ipv4"]
+    for host in ("h1", "h3"):
+        cluster.on(host, "conntrack", "-F")
+    script = ("import socket\nfor _ in range(5):\n"
+              "    s = socket.create_connection(('t1', 8080), timeout=2)\n    s.recv(64)\n    s.close()")
+    cluster.on("h3", "svcnet", "exec", "c3", "--", "python3", "-c", script)
+    cluster.on("h3", "svcnet", "exec", "c3", "--", "ping", "-c1", "-W2", "10.61.0.1")
+    for host in ("h1", "h3"):
+        inner = cluster.run("on", host, "--", "conntrack", "-L", "-p", "tcp", "--orig-src", source)
+        outer = cluster.run("on", host, "--", "conntrack", "-L", "-p", "udp", "--orig-port-dst", "4789")
+        assert inner.stdout.strip() == "" and outer.stdout.strip() == "", (host, inner.stdout, outer.stdout)
+    routed = cluster.on("h3", "conntrack", "-L", "-p", "icmp", "--orig-src", source, "--orig-dst", "10.61.0.1")
+    assert source in routed, "a ping to the host's gateway address is tracked (routed, NAT-able traffic)"
+
+
 def test_two_overlays_never_see_each_other_and_the_client_reaches_neither(cluster):
     cluster.svcnet("h2", "network", "create", "back", "--driver", "overlay", "--subnet", "10.62.0.0/24")
     cluster.svcnet("h2", "run", "-d", "--name", "b2", "--network", "back", "--", "sleep", "1000")

@@ -112,7 +112,8 @@ def test_down_leaves_nothing_of_svcnet(project):
     veths = subprocess.run(["ip", "-o", "link", "show", "type", "veth"], capture_output=True, text=True).stdout
     assert not re.search(r": sv[0-9a-f]{10}@", veths), veths
     forward, nat = firewall.chain_names(PREFIX)
-    for save in (["iptables-legacy-save"], ["iptables-legacy-save", "-t", "nat"], ["iptables-nft-save"]):
+    for save in (["iptables-legacy-save"], ["iptables-legacy-save", "-t", "nat"], ["iptables-legacy-save", "-t", "raw"],
+                 ["iptables-nft-save"]):
         rules = subprocess.run(save, capture_output=True, text=True).stdout
         assert forward.split("-")[-1] not in rules, (save, rules)
     mounts = Path("/proc/self/mounts").read_text()
