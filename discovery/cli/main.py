@@ -41,6 +41,14 @@ Commands on this host's sandboxes go through `svcnet agent`, started on demand.
 """
 
 
+PUBLISH_METAVAR = "PUBLISHED:TARGET[/udp][,mode=host][,source=keep]"
+PUBLISH_HELP = ("publish a port (repeatable). mode=ingress (default): PUBLISHED on every node's addresses "
+                "reaches the healthy tasks on any node (the routing mesh; tasks see the node's own address "
+                "on the network, unless source=keep: then they see the client's, and replies go back "
+                "through the node the client reached). mode=host: only nodes running a task answer, "
+                "with their own tasks. TARGET alone (no PUBLISHED) only declares the port for SRV answers")
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -140,9 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-mode", choices=["vip", "dnsrr"], default="vip",
                    help="vip: the name resolves to one virtual IP (default); dnsrr: to the task IPs")
     p.add_argument("--alias", action="append", default=[], help="another DNS name for the service (repeatable)")
-    p.add_argument("--publish", action="append", default=[], metavar="PUBLISHED:TARGET[/udp][,mode=host]",
-                   help="declare a port (repeatable): TARGET is served in SRV answers; PUBLISHED is stored "
-                        "for the routing mesh, which does not publish it on the host yet")
+    p.add_argument("--publish", action="append", default=[], metavar=PUBLISH_METAVAR, help=PUBLISH_HELP)
+    p = _command(service_sub, "update", "publish or withdraw ports of a live service",
+                 "svcnet service update web --publish-add 8443:443 --publish-rm 8080", cmd_service_update)
+    p.add_argument("name")
+    p.add_argument("--publish-add", action="append", default=[], metavar=PUBLISH_METAVAR,
+                   help="publish another port (repeatable), as --publish of 'service create' takes it")
+    p.add_argument("--publish-rm", action="append", default=[], metavar="PUBLISHED[/udp]",
+                   help="stop publishing this port (repeatable); open connections go on, new ones are refused")
     p = _command(service_sub, "ls", "list services", "svcnet service ls", cmd_service_ls)
     _format_option(p)
     p = _command(service_sub, "inspect", "show one service with its tasks", "svcnet service inspect web",
@@ -571,6 +584,18 @@ def _service_row(service) -> dict:
         "ports": ",".join(str(p) for p in service.ports) or "-",
         "aliases": ",".join(service.aliases) or "-",
     }
+
+
+def cmd_service_update(args) -> int:
+    from discovery.state.model import PortSpec
+
+    if not args.publish_add and not args.publish_rm:
+        raise SvcnetError("nothing to update: give --publish-add PUBLISHED:TARGET or --publish-rm PUBLISHED[/udp]")
+    add = [PortSpec.parse(text) for text in args.publish_add]
+    remove = [PortSpec.parse_published(text) for text in args.publish_rm]
+    service = _with_registry(args, lambda r: r.update_ports(args.name, add, remove))
+    print(f"{service.name} {','.join(str(p) for p in service.ports) or '-'}")
+    return 0
 
 
 def cmd_service_ls(args) -> int:

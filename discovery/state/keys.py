@@ -9,6 +9,7 @@ All keys live under a prefix (default ``/svcnet``)::
     <prefix>/alive/<node>                     its lease's heartbeat (leased by its agent)
     <prefix>/ipam/<network>/<address>         claim of an address  (leased if an endpoint's)
     <prefix>/names/<network>/<name>           claim of a DNS name  (leased if an endpoint's)
+    <prefix>/ports/<protocol>/<port>          claim of a published port by a service (cluster-wide)
 
 A claim's value is JSON ``{"kind": "container"|"service", "owner": NAME, "as": ROLE}``;
 claims exist so that uniqueness is enforced by etcd transactions (``version == 0``), not
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("networks", "services", "endpoints", "nodes", "ipam", "names")
+KINDS = ("networks", "services", "endpoints", "nodes", "ipam", "names", "ports")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class KeyLayout:
 
     def name_claim(self, network: str, name: str) -> bytes:
         return f"{self.prefix}/names/{network}/{name}".encode()
+
+    def port_claim(self, protocol: str, port: int) -> bytes:
+        return f"{self.prefix}/ports/{protocol}/{port}".encode()
 
     def split(self, key: bytes) -> tuple[str, tuple[str, ...]] | None:
         """``b'/svcnet/endpoints/n/c'`` -> ``('endpoints', ('n', 'c'))``; None if foreign."""

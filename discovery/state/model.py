@@ -29,6 +29,7 @@ VNI_FIRST, VNI_LAST = 4096, (1 << 24) - 1  # as Docker: VNIs below 4096 are left
 ENDPOINT_MODES = ("vip", "dnsrr")
 PROTOCOLS = ("tcp", "udp")
 PUBLISH_MODES = ("ingress", "host")
+SOURCE_MODES = ("nat", "keep")  # nat: the mesh masquerades (Docker's way); keep: tasks see the client
 HEALTH_STATES = ("starting", "healthy", "unhealthy", "exited")  # exited: its command ended
 
 
@@ -195,6 +196,7 @@ class PortSpec:
     published: int | None = None
     protocol: str = "tcp"
     mode: str = "ingress"
+    source: str = "nat"
 
     def __post_init__(self) -> None:
         for what, port in (("target port", self.target), ("published port", self.published)):
@@ -204,18 +206,29 @@ class PortSpec:
             raise ValidationError(f"protocol {self.protocol!r} must be tcp or udp")
         if self.mode not in PUBLISH_MODES:
             raise ValidationError(f"publish mode {self.mode!r} must be ingress or host")
+        if self.source not in SOURCE_MODES:
+            raise ValidationError(f"publish source {self.source!r} must be keep or nat")
+        if self.source == "keep" and self.published is None:
+            raise ValidationError(f"port {self.target}: source=keep needs a published port, e.g. 8080:{self.target}")
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """What must be unique cluster-wide: the published port and its protocol."""
+        return (self.published or 0, self.protocol)
 
     @classmethod
     def parse(cls, text: str) -> PortSpec:
-        """Parse ``[PUBLISHED:]TARGET[/udp|/tcp][,mode=host|ingress]``."""
-        usage = f"port {text!r} is not PUBLISHED:TARGET[/udp][,mode=host], e.g. 8080:80 or 53:53/udp"
-        spec, _, options = text.partition(",")
-        mode = "ingress"
-        if options:
-            key, _, value = options.partition("=")
-            if key.strip() != "mode" or not value:
+        """Parse ``[PUBLISHED:]TARGET[/udp|/tcp][,mode=host|ingress][,source=keep|nat]``."""
+        usage = (f"port {text!r} is not PUBLISHED:TARGET[/udp][,mode=host][,source=keep], "
+                 "e.g. 8080:80, 53:53/udp or 8080:80,source=keep")
+        spec, *options = text.split(",")
+        settings = {"mode": "ingress", "source": "nat"}
+        for option in options:
+            key, _, value = option.partition("=")
+            key, value = key.strip(), value.strip()
+            if key not in settings or not value:
                 raise ValidationError(usage)
-            mode = value.strip()
+            settings[key] = value
         ports, _, protocol = spec.partition("/")
         protocol = (protocol or "tcp").lower()
         published_text, sep, target_text = ports.rpartition(":")
@@ -224,7 +237,14 @@ class PortSpec:
             published = int(published_text) if sep else None
         except ValueError:
             raise ValidationError(usage) from None
-        return cls(target, published, protocol, mode)
+        return cls(target, published, protocol, settings["mode"], settings["source"])
+
+    @classmethod
+    def parse_published(cls, text: str) -> tuple[int, str]:
+        """``PORT[/udp]`` (as ``--publish-rm`` takes it) -> (port, protocol)."""
+        port, _, protocol = text.partition("/")
+        spec = cls.parse(f"{port}:{port}/{protocol or 'tcp'}")
+        return spec.key
 
     def __str__(self) -> str:
         text = f"{self.target}/{self.protocol}"
@@ -232,16 +252,19 @@ class PortSpec:
             text = f"{self.published}:{text}"
             if self.mode == "host":
                 text += ",mode=host"
+            if self.source == "keep":
+                text += ",source=keep"
         return text
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "published": self.published,
-                "protocol": self.protocol, "mode": self.mode}
+                "protocol": self.protocol, "mode": self.mode, "source": self.source}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PortSpec:
         return _decode(cls, data, lambda d: cls(
-            int(d["target"]), d.get("published"), d.get("protocol", "tcp"), d.get("mode", "ingress")))
+            int(d["target"]), d.get("published"), d.get("protocol", "tcp"), d.get("mode", "ingress"),
+            d.get("source", "nat")))
 
 
 @dataclass(frozen=True)
@@ -278,10 +301,9 @@ class Service:
         seen: set[tuple[int, str]] = set()
         for port in self.ports:
             if port.published is not None:
-                key = (port.published, port.protocol)
-                if key in seen:
+                if port.key in seen:
                     raise ValidationError(f"published port {port.published}/{port.protocol} is given twice")
-                seen.add(key)
+                seen.add(port.key)
         stray = set(self.vips) - set(networks)
         if stray:
             raise ValidationError(f"service {self.name!r} has VIPs on networks it is not on: {sorted(stray)}")
@@ -289,6 +311,10 @@ class Service:
 
     def dns_names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+    @property
+    def published(self) -> tuple[PortSpec, ...]:
+        return tuple(p for p in self.ports if p.published is not None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -391,6 +417,9 @@ class Node:
     version: str = ""
     advertise_addr: str | None = None
     vtep: str | None = None
+    # (overlay network, this node's own address on it), sorted: where the routing mesh
+    # masquerades to and replies come back to (Docker's per-node "lb" endpoint)
+    addresses: tuple[tuple[str, IPv4Address], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -399,15 +428,22 @@ class Node:
             value = getattr(self, field_name)
             if value is not None:
                 _parse_address(value, field_name)
+        addresses = tuple(sorted((str(net), IPv4Address(ip)) for net, ip in self.addresses))
+        object.__setattr__(self, "addresses", addresses)
+
+    def address_on(self, network: str) -> IPv4Address | None:
+        return next((ip for net, ip in self.addresses if net == network), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "started_at": self.started_at, "version": self.version,
-                "advertise_addr": self.advertise_addr, "vtep": self.vtep}
+                "advertise_addr": self.advertise_addr, "vtep": self.vtep,
+                "addresses": {net: str(ip) for net, ip in self.addresses}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Node:
         return _decode(cls, data, lambda d: cls(d["name"], float(d.get("started_at", 0)), d.get("version", ""),
-                                                d.get("advertise_addr"), d.get("vtep")))
+                                                d.get("advertise_addr"), d.get("vtep"),
+                                                tuple(dict(d.get("addresses") or {}).items())))
 
 
 def _decode(cls, data: Mapping[str, Any], build):

@@ -20,7 +20,7 @@ from discovery.errors import ConflictError, ExhaustedError, NotFoundError, Valid
 
 from . import ipam
 from .keys import KeyLayout
-from .model import VNI_FIRST, VNI_LAST, Endpoint, Network, Node, Service
+from .model import VNI_FIRST, VNI_LAST, Endpoint, IPv4Address, Network, Node, PortSpec, Service
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ RESERVED_NAMES = frozenset({"tasks"})
 class Claim:
     """Who holds a DNS name or an address on a network."""
 
-    kind: str  # "container" or "service"
+    kind: str  # "container", "service" or "node"
     owner: str
     role: str  # "name", "hostname", "alias", "address", "vip"
     node: str = ""
@@ -59,7 +59,7 @@ class Claim:
 
     def describe(self) -> str:
         role = {"name": "its name", "hostname": "its hostname", "alias": "an alias",
-                "address": "its address", "vip": "its VIP"}.get(self.role, self.role)
+                "address": "its address", "vip": "its VIP", "port": "a published port"}.get(self.role, self.role)
         where = f" on node {self.node!r}" if self.node else ""
         return f"{self.kind} {self.owner!r}{where} (as {role})"
 
@@ -205,15 +205,37 @@ class Registry:
 
     # ---- services --------------------------------------------------------------------
 
+    async def _port_ops(self, service: str, ports: Iterable[PortSpec]) -> tuple[list, list]:
+        """Compares and puts claiming ``ports`` for ``service``; refuses a port another holds."""
+        compares, puts = [], []
+        value = Claim("service", service, "port").encode()
+        for port in ports:
+            key = self.keys.port_claim(port.protocol, port.published)
+            held = await self.client.get(key)
+            if held is not None:
+                claim = Claim.decode(held.value)
+                if claim is None or claim.owner != service:
+                    who = f"service {claim.owner!r}" if claim else "an unreadable claim"
+                    raise ConflictError(
+                        f"port {port.published}/{port.protocol} is already published by {who}; "
+                        f"pick another published port or remove it there first "
+                        f"('svcnet service update {claim.owner if claim else 'NAME'} --publish-rm "
+                        f"{port.published}/{port.protocol}')")
+                compares.append(self.txn.value(key) == held.value)
+            else:
+                compares.append(self.txn.version(key) == 0)
+            puts.append(self.txn.put(key, value))
+        return compares, puts
+
     async def create_service(self, service: Service) -> Service:
-        """Store ``service``, claiming its names and (mode vip) one VIP per network."""
+        """Store ``service``, claiming its names, published ports and (mode vip) one VIP per network."""
         if service.name in RESERVED_NAMES:
             raise ValidationError(f"service name {service.name!r} is reserved (tasks.<service> lists tasks)")
         for _ in range(MAX_ATTEMPTS):
             if await self.client.get(self.keys.service(service.name)) is not None:
                 raise ConflictError(f"service {service.name!r} already exists; remove it first or pick another name")
-            compares = [self.txn.version(self.keys.service(service.name)) == 0]
-            puts = []
+            compares, puts = await self._port_ops(service.name, service.published)
+            compares.append(self.txn.version(self.keys.service(service.name)) == 0)
             vips = {}
             for net_name in service.networks:
                 network = await self.get_network(net_name)
@@ -253,6 +275,7 @@ class Registry:
                 f"service {name!r} still has tasks ({', '.join(tasks)}); remove them with 'svcnet rm' first"
             )
         deletes = [self.txn.delete(self.keys.service(name))]
+        deletes += [self.txn.delete(self.keys.port_claim(p.protocol, p.published)) for p in service.published]
         for net_name in service.networks:
             claims = await self._read_claims(net_name)
             holder = Claim("service", name, "name")
@@ -267,6 +290,37 @@ class Registry:
         )
         if not ok:
             raise ConflictError(f"service {name!r} changed while removing it; try again")
+
+    async def update_ports(self, name: str, add: Sequence[PortSpec], remove: Sequence[tuple[int, str]]) -> Service:
+        """Publish ``add`` and withdraw ``remove`` ((port, protocol)) on a live service, in one transaction."""
+        for _ in range(MAX_ATTEMPTS):
+            got = await self.client.get(self.keys.service(name.lower()))
+            if got is None:
+                raise NotFoundError(f"service {name!r} does not exist")
+            service = Service.from_dict(json.loads(got.value))
+            held = {p.key: p for p in service.published}
+            missing = [f"{port}/{protocol}" for port, protocol in remove if (port, protocol) not in held]
+            if missing:
+                published = ", ".join(f"{p.published}/{p.protocol}" for p in service.published) or "none"
+                raise NotFoundError(f"service {service.name!r} does not publish {', '.join(missing)} "
+                                    f"(it publishes: {published})")
+            kept = [p for p in service.ports if p.published is None or p.key not in set(remove)]
+            fresh = [p for p in add if p.published is not None]
+            if len(fresh) != len(add):
+                raise ValidationError("--publish-add needs PUBLISHED:TARGET, e.g. 8080:80")
+            for port in fresh:
+                if any(p.key == port.key for p in kept):
+                    raise ConflictError(f"service {service.name!r} already publishes {port.published}/{port.protocol}; "
+                                        f"--publish-rm it in the same command to change it")
+            updated = replace(service, ports=(*kept, *fresh))  # validated again (dnsrr, duplicates)
+            compares, puts = await self._port_ops(service.name, fresh)
+            compares.append(self.txn.mod(self.keys.service(service.name)) == got.mod_revision)
+            puts += [self.txn.delete(self.keys.port_claim(protocol, port)) for port, protocol in remove]
+            puts.append(self.txn.put(self.keys.service(service.name), _encode(updated)))
+            ok, _ = await self.client.transaction(compare=compares, success=puts, failure=[])
+            if ok:
+                return updated
+        raise ConflictError(f"could not update service {name!r}: it kept changing; try again")
 
     # ---- endpoints -------------------------------------------------------------------
 
@@ -508,10 +562,37 @@ class Registry:
                  for kv in await self.client.get_prefix(self.keys.kind_prefix("alive"))}
         return [(node, node.name in alive) for node in _decode_all(Node, values)]
 
+    async def claim_node_address(self, node: str, network_name: str) -> IPv4Address:
+        """This node's own address on an overlay network (kept, like the node record): the
+        one it already holds, else the lowest free one, claimed in a transaction."""
+        holder = Claim("node", node, "address")
+        for _ in range(MAX_ATTEMPTS):
+            network = await self.get_network(network_name)
+            claims = await self._read_claims(network.name)
+            for address, (claim, _) in claims.addresses.items():
+                parsed = ipam.parse_address(address)
+                if claim is not None and claim.same_holder(holder) and parsed.version == 4:
+                    return parsed
+            address = ipam.first_free(network, network.subnet, {ipam.parse_address(a) for a in claims.addresses})
+            key = self.keys.address_claim(network.name, address)
+            ok, _ = await self.client.transaction(
+                compare=[self.txn.version(key) == 0, self.txn.version(self.keys.network(network.name)) > 0],
+                success=[self.txn.put(key, holder.encode())], failure=[])
+            if ok:
+                return address
+        raise ConflictError(f"could not claim an address for node {node!r} on {network_name!r}: try again")
+
     async def remove_node(self, name: str) -> None:
         if await self.client.get(self.keys.alive(name)) is not None:
             raise ConflictError(f"node {name!r} is alive; stop its agent first")
-        await self.client.delete(self.keys.node(name))
+        deletes = [self.txn.delete(self.keys.node(name))]
+        _, networks = await self.list_networks()
+        holder = Claim("node", name, "address")
+        for network in networks:
+            for address, (claim, _) in (await self._read_claims(network.name)).addresses.items():
+                if claim is not None and claim.same_holder(holder):
+                    deletes.append(self.txn.delete(self.keys.address_claim(network.name, address)))
+        await self.client.transaction(compare=[], success=deletes, failure=[])
 
 
 def _free_vni(networks: Iterable[Network]) -> int:

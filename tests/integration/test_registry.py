@@ -165,3 +165,44 @@ def test_overlay_networks_get_a_vni_once_and_unique(etcd, prefix):
             dataclasses.replace(Network.create("bad", "10.44.0.0/24"), vni=5000)
         await client.close()
     run(scenario())
+
+
+def test_published_ports_are_unique_cluster_wide_and_change_live(etcd, prefix):
+    from discovery.state.model import PortSpec
+
+    async def scenario():
+        client, reg = await _registry(etcd.url, prefix)
+        await reg.create_network(Network.create("pub", "10.45.0.0/24"))
+        await reg.create_service(Service("web", ("pub",), ports=(PortSpec(80, 8080), PortSpec(53, 53, "udp"))))
+        with pytest.raises(ConflictError, match="port 8080/tcp is already published by service 'web'"):
+            await reg.create_service(Service("api", ("pub",), ports=(PortSpec(81, 8080),)))
+        with pytest.raises(NotFoundError, match="service 'api' does not exist"):
+            await reg.get_service("api")  # nothing of the refused service was written
+        await reg.create_service(Service("api", ("pub",), ports=(PortSpec(81, 8080, "udp"),)))  # udp: its own
+        updated = await reg.update_ports("web", [PortSpec(443, 8443, source="keep")], [(8080, "tcp")])
+        assert sorted(str(p) for p in updated.ports) == ["53:53/udp", "8443:443/tcp,source=keep"]
+        with pytest.raises(NotFoundError, match="does not publish 8080/tcp"):
+            await reg.update_ports("web", [], [(8080, "tcp")])
+        with pytest.raises(ConflictError, match="already published by service 'api'"):
+            await reg.update_ports("web", [PortSpec(9, 8080, "udp")], [])
+        await reg.create_service(Service("other", ("pub",), ports=(PortSpec(80, 8080),)))  # freed by --publish-rm
+        await reg.remove_service("other")
+        await reg.create_service(Service("again", ("pub",), ports=(PortSpec(80, 8080),)))  # freed by rm
+        await client.close()
+    run(scenario())
+
+
+def test_a_node_holds_one_address_per_overlay_until_it_is_removed(etcd, prefix):
+    async def scenario():
+        client, reg = await _registry(etcd.url, prefix)
+        await reg.create_network(Network.create("ovn", "10.46.0.0/24", driver="overlay"))
+        first = await reg.claim_node_address("h1", "ovn")
+        assert await reg.claim_node_address("h1", "ovn") == first, "the same address on every claim"
+        second = await reg.claim_node_address("h2", "ovn")
+        assert first != second
+        endpoints = await reg.register_sandbox(SandboxRequest("c", ("ovn",), "h1"), 0)
+        assert endpoints[0].ipv4 not in (first, second)
+        await reg.remove_node("h1")
+        assert await reg.claim_node_address("h3", "ovn") == first, "h1's address is free again"
+        await client.close()
+    run(scenario())

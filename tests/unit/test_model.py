@@ -66,15 +66,34 @@ def test_overlap_checks_both_families():
     ("8080:80", PortSpec(80, 8080)),
     ("53:53/udp", PortSpec(53, 53, "udp")),
     ("8443:443/tcp,mode=host", PortSpec(443, 8443, "tcp", "host")),
+    ("8080:80,source=keep", PortSpec(80, 8080, "tcp", "ingress", "keep")),
+    ("53:53/udp,source=keep,mode=host", PortSpec(53, 53, "udp", "host", "keep")),
 ])
 def test_port_parse(text, expected):
     assert PortSpec.parse(text) == expected
+    assert PortSpec.parse(str(expected)) == expected
+    assert PortSpec.from_dict(expected.to_dict()) == expected
 
 
-@pytest.mark.parametrize("text", ["", "x:80", "8080:80/sctp", "80,mode=", "99999:80", "80:0", "80,foo=bar"])
+@pytest.mark.parametrize("text", ["", "x:80", "8080:80/sctp", "80,mode=", "99999:80", "80:0", "80,foo=bar",
+                                  "80,source=keep", "8080:80,source=all", "8080:80,mode=host,"])
 def test_bad_ports_are_refused(text):
     with pytest.raises(ValidationError):
         PortSpec.parse(text)
+
+
+def test_publish_rm_spelling():
+    assert PortSpec.parse_published("8080") == (8080, "tcp")
+    assert PortSpec.parse_published("53/udp") == (53, "udp")
+    with pytest.raises(ValidationError):
+        PortSpec.parse_published("8080:80")
+
+
+def test_node_addresses_round_trip_sorted():
+    from discovery.state.model import Node
+    node = Node("h1", addresses=(("b", "10.2.0.2"), ("a", ipaddress.ip_address("10.1.0.2"))))
+    assert node.address_on("a") == ipaddress.ip_address("10.1.0.2") and node.address_on("c") is None
+    assert Node.from_dict(node.to_dict()) == node and node.addresses[0][0] == "a"
 
 
 def test_dnsrr_cannot_publish_in_ingress_mode():
