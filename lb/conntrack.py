@@ -9,6 +9,7 @@ alone: an established connection to a draining task should finish.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import Mapping
@@ -24,16 +25,27 @@ log = logging.getLogger(__name__)
 
 def forget_udp_flows(netns: str, lost: Mapping[IPv4Address, set[IPv4Address]]) -> int:
     """Delete UDP conntrack entries VIP -> removed backend in ``netns``; returns how many."""
-    if not lost:
+    return _forget(netns, [(NFCTAttrTuple(proto=socket.IPPROTO_UDP, daddr=str(vip)), backends)
+                           for vip, backends in lost.items()])
+
+
+def forget_mesh_udp_flows(netns: str | None, lost: Mapping[int, set[IPv4Address]]) -> int:
+    """Delete UDP entries to a published port (any local address) whose reply comes from a
+    removed backend; ``netns`` None: the current one (the host's)."""
+    return _forget(netns, [(NFCTAttrTuple(proto=socket.IPPROTO_UDP, dport=port), backends)
+                           for port, backends in lost.items()])
+
+
+def _forget(netns: str | None, selections: list[tuple[NFCTAttrTuple, set[IPv4Address]]]) -> int:
+    if not selections:
         return 0
     deleted = 0
     # pyroute2 opens its socket on first use: keep every call inside the netns
-    with netlink.entered_netns(netns):
+    with netlink.entered_netns(netns) if netns else contextlib.nullcontext():
         conntrack = Conntrack()
         try:
-            for vip, backends in lost.items():
+            for wanted, backends in selections:
                 gone = {str(b) for b in backends}
-                wanted = NFCTAttrTuple(proto=socket.IPPROTO_UDP, daddr=str(vip))
                 for entry in list(conntrack.dump_entries(tuple_orig=wanted)):
                     if entry.tuple_reply.saddr in gone:
                         try:

@@ -231,6 +231,8 @@ def sweep(run_id: str, prefix: str, state_dir: Path | None = None) -> None:
     for bridge in netlink.list_bridges(prefix).values():
         netlink.remove_link(bridge.ifname)
     firewall.remove(prefix)
+    from lb import mesh_iptables
+    mesh_iptables.remove(prefix)
 
 
 def time_scale() -> float:

@@ -42,7 +42,7 @@ def chain_name(forward_chain: str) -> str:
 
 def rules(prefix: str, networks: Iterable[Network]) -> list[str]:
     """The chain's rules, as ``iptables -S`` prints them."""
-    lines = []
+    lines = ["-m conntrack --ctstate DNAT -j ACCEPT"]  # the routing mesh
     for network in sorted(networks, key=lambda n: n.name):
         bridge = bridge_name(prefix, network.name)
         lines.append(f"-i {bridge} -o {bridge} -j ACCEPT")

@@ -20,11 +20,15 @@ from iptc import easy
 from discovery.state.model import Network
 
 from .netlink import bridge_name
-from .xtables import LOCK, drop_chain, fresh_table, release, unjump
+from .xtables import LOCK, converge_chain, drop_chain, dump, fresh_table, release, unjump
 
 log = logging.getLogger(__name__)
 
 BRIDGE_WILDCARD = "svbr+"
+# Set by the routing mesh (lb/mesh_iptables.py) on a connection's first packet when it must
+# be masqueraded to this node's own address on the task's network; our outbound NAT leaves
+# such packets to the mesh's SNAT.
+MESH_MARK = 0x01000000
 
 
 def chain_names(prefix: str) -> tuple[str, str]:
@@ -61,7 +65,8 @@ def raw_rules(prefix: str, networks: Iterable[Network], vxlan_port: int | None) 
 
 
 def forward_rules(prefix: str, networks: Iterable[Network]) -> list[dict]:
-    rules: list[dict] = []
+    # The routing mesh's connections (DNATed by this host to a published port's task), both ways.
+    rules: list[dict] = [{"conntrack": {"ctstate": "DNAT"}, "target": "ACCEPT"}]
     for network in sorted(networks, key=lambda n: n.name):
         bridge = bridge_name(prefix, network.name)
         # With net.bridge.bridge-nf-call-iptables=1 (global; the per-bridge switch cannot
@@ -70,6 +75,10 @@ def forward_rules(prefix: str, networks: Iterable[Network]) -> list[dict]:
         if network.internal:
             rules.append({"in-interface": bridge, "out-interface": f"!{bridge}", "target": "DROP"})
             rules.append({"in-interface": f"!{bridge}", "out-interface": bridge, "target": "DROP"})
+        elif network.driver == "overlay":
+            # from the underlay only what is published (DNAT, above) and replies get in
+            rules.append({"in-interface": f"!{BRIDGE_WILDCARD}", "out-interface": bridge,
+                          "conntrack": {"ctstate": "NEW,INVALID"}, "target": "DROP"})
     # Routed traffic between two svcnet networks is dropped: a sandbox reaches only the
     # networks it is attached to.
     rules.append({"in-interface": BRIDGE_WILDCARD, "out-interface": BRIDGE_WILDCARD, "target": "DROP"})
@@ -77,26 +86,12 @@ def forward_rules(prefix: str, networks: Iterable[Network]) -> list[dict]:
 
 
 def nat_rules(prefix: str, networks: Iterable[Network]) -> list[dict]:
-    rules = []
+    rules: list[dict] = [{"mark": {"mark": f"{MESH_MARK:#x}/{MESH_MARK:#x}"}, "target": "RETURN"}]
     for network in sorted(networks, key=lambda n: n.name):
         if not network.internal:
             bridge = bridge_name(prefix, network.name)
             rules.append({"src": str(network.subnet), "out-interface": f"!{bridge}", "target": "MASQUERADE"})
     return rules
-
-
-def _normalize(rules: list[dict]) -> list[dict]:
-    cleaned = []
-    for rule in rules:
-        rule = {k: v for k, v in rule.items() if k != "counters"}
-        if "src" in rule and "/" not in rule["src"]:
-            rule["src"] += "/32"
-        cleaned.append(rule)
-    return cleaned
-
-
-def _dump(chain: iptc.Chain) -> list[dict]:
-    return _normalize([easy.decode_iptc_rule(rule) for rule in chain.rules])
 
 
 def _sync_chain(table_name: str, parents: tuple[str, ...], chain_name: str, rules: list[dict]) -> bool:
@@ -105,22 +100,12 @@ def _sync_chain(table_name: str, parents: tuple[str, ...], chain_name: str, rule
     Everything happens on one table handle and lands in one commit.
     """
     table = fresh_table(table_name)
-    changed = False
-    if not table.is_chain(chain_name):
-        table.create_chain(chain_name)
-        changed = True
-    chain = iptc.Chain(table, chain_name)
+    changed = converge_chain(table, chain_name, rules)
     for parent in parents:
         parent_chain = iptc.Chain(table, parent)
-        if {"target": chain_name} not in _dump(parent_chain):
+        if {"target": chain_name} not in dump(parent_chain):
             parent_chain.insert_rule(easy.encode_iptc_rule({"target": chain_name}))
             changed = True
-    wanted = _normalize([easy.decode_iptc_rule(easy.encode_iptc_rule(r)) for r in rules])
-    if _dump(chain) != wanted:
-        chain.flush()
-        for rule in rules:
-            chain.append_rule(easy.encode_iptc_rule(rule))
-        changed = True
     if changed:
         table.commit()
     release(table)

@@ -104,6 +104,37 @@ def ensure_vxlan(prefix: str, network: Network, bridge: str, local: str, port: i
     return name
 
 
+def ensure_node_address(bridge: str, address: IPv4Address, subnet) -> bool:
+    """Give ``bridge`` this node's own address on the overlay (a /32 beside the shared gateway)
+    and the MAC derived from it, so remote hosts reach it through their static FDB and
+    neighbour entries (the routing mesh's masquerade address and return path); True if changed."""
+    changed = False
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=bridge)
+        if not found:
+            return False
+        index = found[0]
+        mac = mac_for(address)
+        if ipr.get_links(index)[0].get("IFLA_ADDRESS") != mac:
+            ipr.link("set", index=index, address=mac)
+            changed = True
+        present = {a.get("IFA_ADDRESS"): a["prefixlen"] for a in ipr.get_addr(index=index, family=2)}
+        for other, prefixlen in present.items():
+            if prefixlen == 32 and other != str(address) and IPv4Address(other) in subnet:
+                _quiet(ipr.addr, "del", index=index, address=other, prefixlen=32)
+                changed = True
+        if present.get(str(address)) != 32:
+            try:
+                ipr.addr("add", index=index, address=str(address), prefixlen=32)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+            changed = True
+    if changed:
+        log.info("node address set bridge=%s address=%s mac=%s", bridge, address, mac)
+    return changed
+
+
 def remove_vxlan(ifname: str) -> None:
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=ifname)

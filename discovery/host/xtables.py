@@ -59,6 +59,40 @@ def drop_chain(table: iptc.Table, parent: str, chain_name: str) -> None:
     table.delete_chain(chain_name)
 
 
+def normalize(rules: list[dict]) -> list[dict]:
+    """Rules as ``decode_iptc_rule`` gives them back, without counters: comparable."""
+    cleaned = []
+    for rule in rules:
+        rule = {k: v for k, v in rule.items() if k != "counters"}
+        if "src" in rule and "/" not in rule["src"]:
+            rule["src"] += "/32"
+        cleaned.append(rule)
+    return cleaned
+
+
+def dump(chain: iptc.Chain) -> list[dict]:
+    return normalize([easy.decode_iptc_rule(rule) for rule in chain.rules])
+
+
+def converge_chain(table: iptc.Table, chain_name: str, rules: list[dict]) -> bool:
+    """Make ``chain_name`` hold exactly ``rules`` (created if missing); True if anything was written.
+
+    Compared rule by rule with what the kernel holds, so an unchanged chain is never
+    rewritten (a restarted agent leaves the rules byte-identical)."""
+    changed = False
+    if not table.is_chain(chain_name):
+        table.create_chain(chain_name)
+        changed = True
+    chain = iptc.Chain(table, chain_name)
+    wanted = normalize([easy.decode_iptc_rule(easy.encode_iptc_rule(r)) for r in rules])
+    if dump(chain) != wanted:
+        chain.flush()
+        for rule in rules:
+            chain.append_rule(easy.encode_iptc_rule(rule))
+        changed = True
+    return changed
+
+
 def delete_rules(chain: iptc.Chain, rules: Iterable[dict]) -> None:
     """Delete by content (libiptc matches the whole entry): no walk over the chain."""
     for rule in rules:

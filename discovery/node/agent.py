@@ -23,6 +23,7 @@ from discovery.host.sandbox import SandboxSpec
 from discovery.state.etcd import TRANSIENT_ERRORS
 from discovery.state.model import Node
 from discovery.state.view import View
+from lb.mesh import MeshPlan, mesh_plan
 
 from .runtime import NodeOptions, NodeRuntime
 
@@ -42,6 +43,7 @@ class HostSync:
         self._dirty = asyncio.Event()
         self._applied: dict = {}
         self._peers_applied: dict = {}  # overlay network -> the peers its VXLAN device holds
+        self._mesh_applied: MeshPlan | None = None
         self.syncs = 0
         self.last_duration = 0.0
         self._docker_due = False
@@ -65,14 +67,16 @@ class HostSync:
             self._dirty.clear()
             view = self._latest
             peers = self.desired_peers(view) if view is not None else {}
-            if view is None or (dict(view.networks) == self._applied and peers == self._peers_applied):
+            mesh = mesh_plan(view, self.node) if view is not None else None
+            if view is None or (dict(view.networks) == self._applied and peers == self._peers_applied
+                                and mesh == self._mesh_applied):
                 if self._docker_due and self._applied:
                     self._docker_due = False
                     await asyncio.to_thread(self._apply_docker, self._applied)
                 continue
             started = time.perf_counter()
             try:
-                await asyncio.to_thread(self._apply, dict(view.networks), peers)
+                await asyncio.to_thread(self._apply, dict(view.networks), peers, mesh)
             except Exception:
                 log.exception("host sync failed, retrying revision=%s", view.revision)
                 await asyncio.sleep(1)
@@ -91,9 +95,13 @@ class HostSync:
         for bridge in netlink.list_bridges(self.prefix).values():
             netlink.remove_link(bridge.ifname)
         firewall.remove(self.prefix)
+        from lb import mesh_iptables
+
+        mesh_iptables.remove(self.prefix)
 
     def desired_peers(self, view: View) -> dict:
-        """Overlay network -> the remote endpoints its VXLAN device must know (from the View)."""
+        """Overlay network -> (this node's own address on it, the remote endpoints and nodes its
+        VXLAN device must know), from the View."""
         if self.vtep is None:
             return {}
         from discovery.host.overlay import Peer, mac_for
@@ -106,9 +114,15 @@ class HostSync:
                 node = view.nodes.get(endpoint.node)
                 if node is not None and node.vtep:
                     peers[network].add(Peer(str(endpoint.ipv4), mac_for(endpoint.ipv4), node.vtep))
-        return {name: frozenset(found) for name, found in peers.items()}
+        for name, node in view.nodes.items():
+            if name != self.node and node.vtep:
+                for network, address in node.addresses:
+                    if network in peers:
+                        peers[network].add(Peer(str(address), mac_for(address), node.vtep))
+        own = view.nodes.get(self.node)
+        return {name: (own.address_on(name) if own else None, frozenset(found)) for name, found in peers.items()}
 
-    def _apply(self, networks: dict, peers: dict) -> None:
+    def _apply(self, networks: dict, peers: dict, mesh: MeshPlan) -> None:
         if self.closed:
             return
         if networks != self._applied:
@@ -116,17 +130,46 @@ class HostSync:
         if peers != self._peers_applied or networks != self._applied:
             self._apply_overlay(networks, peers)
         self._applied = networks
+        if mesh != self._mesh_applied:
+            self._apply_mesh(mesh)
+
+    def _apply_mesh(self, mesh: MeshPlan) -> None:
+        from lb import mesh_iptables
+        from lb.conntrack import forget_mesh_udp_flows
+
+        before = self._mesh_applied.by_key() if self._mesh_applied is not None else {}
+        self._mesh_applied = None  # until it is in: a failure makes the next sync converge again
+        mesh_iptables.sync(self.prefix, mesh)
+        self._mesh_applied = mesh
+        now = mesh.by_key()
+        lost: dict[int, set] = {}
+        for (port, protocol), old in before.items():
+            if protocol == "udp":
+                kept = {b.address for b in now[(port, protocol)].backends} if (port, protocol) in now else set()
+                gone = {b.address for b in old.backends} - kept
+                if gone:
+                    lost[port] = gone
+        if lost:
+            try:
+                log.info("mesh udp flows forgotten count=%d", forget_mesh_udp_flows(None, lost))
+            except Exception as exc:
+                log.warning("conntrack cleanup failed; UDP flows to removed tasks move when they idle out "
+                            "error=%r", exc)
 
     def _apply_overlay(self, networks: dict, peers: dict) -> None:
         from discovery.host import netlink, overlay
 
         present = overlay.list_vxlans(self.prefix)
-        for name, wanted in peers.items():
+        for name, (address, wanted) in peers.items():
             network = networks[name]
+            bridge = netlink.bridge_name(self.prefix, name)
             if name not in present or self._applied.get(name) != network:
-                overlay.ensure_vxlan(self.prefix, network, netlink.bridge_name(self.prefix, name), self.vtep,
+                overlay.ensure_vxlan(self.prefix, network, bridge, self.vtep,
                                      self.vxlan_port, overlay.overlay_mtu(self.vtep))
-            if self._peers_applied.get(name) != wanted or name not in present:
+            before = self._peers_applied.get(name)
+            if address is not None and (before is None or before[0] != address or name not in present):
+                overlay.ensure_node_address(bridge, address, network.subnet)
+            if before is None or before[1] != wanted or name not in present:
                 added, removed = overlay.sync_peers(overlay.vxlan_name(self.prefix, name), set(wanted))
                 log.info("overlay peers synced network=%s peers=%d added=%d removed=%d",
                          name, len(wanted), added, removed)
@@ -197,12 +240,16 @@ class AgentSandboxes:
         self.remove_on_exit = options.remove_on_exit
         self.advertise_addr = options.advertise_addr or default_advertise_addr()
         self.host_sync = HostSync(options.prefix, options.node, self.advertise_addr, options.vxlan_port)
+        self._addresses_due = asyncio.Event()
+        self._view: View | None = None
 
     def attach(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
         runtime.sandboxes.underlay = self.advertise_addr  # overlay veths take its MTU minus 50
         runtime.watcher.subscribe(self.host_sync.on_view)
+        runtime.watcher.subscribe(self._on_view)
         runtime.tasks.append(self.host_sync.run)
+        runtime.tasks.append(self.claim_node_addresses)
         m = runtime.metrics
         m.counter_from("svcnet_host_syncs_total", "Bridge and firewall syncs applied.", lambda: self.host_sync.syncs)
         m.gauge("svcnet_host_sync_last_seconds", "Duration of the last host sync.",
@@ -220,8 +267,40 @@ class AgentSandboxes:
 
     async def register(self, runtime: NodeRuntime, lease: int) -> None:
         address = self.advertise_addr
-        node = Node(runtime.options.node, runtime.started_at, __version__, address, address)
+        previous = await runtime.registry.get_node(runtime.options.node)
+        held = previous.addresses if previous is not None else ()  # claims outlive the agent
+        node = Node(runtime.options.node, runtime.started_at, __version__, address, address, held)
         await runtime.registry.register_node(node, lease)
+
+    def _on_view(self, view: View) -> None:
+        self._view = view
+        self._addresses_due.set()
+
+    async def claim_node_addresses(self) -> None:
+        """Hold one address of our own on every overlay network (the mesh's masquerade source
+        and return path), claimed once and kept across restarts, listed in the node record."""
+        node_name = self.runtime.options.node
+        while True:
+            await self._addresses_due.wait()
+            self._addresses_due.clear()
+            view = self._view
+            node = view.nodes.get(node_name) if view is not None else None
+            if view is None or node is None or self.advertise_addr is None:
+                continue
+            overlays = sorted(n for n, net in view.networks.items() if net.driver == "overlay")
+            held = dict(node.addresses)
+            if sorted(held) == overlays:
+                continue
+            try:
+                wanted = {net: held.get(net) or await self.runtime.registry.claim_node_address(node_name, net)
+                          for net in overlays}
+                await self.runtime.registry.set_node_addresses(node_name, wanted.items())
+                log.info("node addresses set node=%s addresses=%s", node_name,
+                         ",".join(f"{n}={a}" for n, a in sorted(wanted.items())) or "-")
+            except Exception as exc:  # etcd away, or the network went meanwhile: the next View retries
+                log.warning("cannot claim this node's overlay addresses, retrying error=%r", exc)
+                await asyncio.sleep(1)
+                self._addresses_due.set()
 
     async def started(self, runtime: NodeRuntime) -> None:
         return None

@@ -315,7 +315,9 @@ class Registry:
             updated = replace(service, ports=(*kept, *fresh))  # validated again (dnsrr, duplicates)
             compares, puts = await self._port_ops(service.name, fresh)
             compares.append(self.txn.mod(self.keys.service(service.name)) == got.mod_revision)
-            puts += [self.txn.delete(self.keys.port_claim(protocol, port)) for port, protocol in remove]
+            readded = {p.key for p in fresh}  # a port changed in place keeps its claim
+            puts += [self.txn.delete(self.keys.port_claim(protocol, port))
+                     for port, protocol in remove if (port, protocol) not in readded]
             puts.append(self.txn.put(self.keys.service(service.name), _encode(updated)))
             ok, _ = await self.client.transaction(compare=compares, success=puts, failure=[])
             if ok:
@@ -554,6 +556,30 @@ class Registry:
         await self.client.transaction(compare=[], success=[
             self.txn.put(self.keys.node(node.name), _encode(node)),
             self.txn.put(self.keys.alive(node.name), str(lease).encode(), lease=lease)], failure=[])
+
+    async def get_node(self, name: str) -> Node | None:
+        got = await self.client.get(self.keys.node(name))
+        if got is None:
+            return None
+        try:
+            return Node.from_dict(json.loads(got.value))
+        except (ValueError, ValidationError) as exc:
+            log.warning("skipping bad node record node=%s error=%s", name, exc)
+            return None
+
+    async def set_node_addresses(self, name: str, addresses: Iterable[tuple[str, IPv4Address]]) -> Node:
+        """Rewrite the node record with ``addresses`` (its own address per overlay network)."""
+        for _ in range(MAX_ATTEMPTS):
+            got = await self.client.get(self.keys.node(name))
+            if got is None:
+                raise NotFoundError(f"node {name!r} is not registered")
+            node = replace(Node.from_dict(json.loads(got.value)), addresses=tuple(addresses))
+            ok, _ = await self.client.transaction(
+                compare=[self.txn.mod(self.keys.node(name)) == got.mod_revision],
+                success=[self.txn.put(self.keys.node(name), _encode(node))], failure=[])
+            if ok:
+                return node
+        raise ConflictError(f"node {name!r} kept changing; try again")
 
     async def list_nodes(self) -> list[tuple[Node, bool]]:
         """Every node with whether its agent is alive (holds its lease)."""

@@ -15,48 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import require_root, require_tools, wait
-
-ROOT = Path(__file__).resolve().parents[2]
-CLUSTER = str(ROOT / "scripts" / "cluster.sh")
-TASK_SERVER = str(ROOT / "tests" / "taskserver.py")
-
-
-class Cluster:
-    def __init__(self, directory: Path) -> None:
-        self.env = {"SVCNET_CLUSTER_DIR": str(directory), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-
-    def run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        result = subprocess.run([CLUSTER, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
-        if check and result.returncode != 0:
-            raise AssertionError(f"cluster.sh {' '.join(args)} exited {result.returncode}: {result.stderr[-2000:]}")
-        return result
-
-    def on(self, host: str, *argv: str, check: bool = True) -> str:
-        return self.run("on", host, "--", *argv, check=check).stdout
-
-    def svcnet(self, host: str, *argv: str) -> str:
-        return self.on(host, "svcnet", *argv)
-
-    def dig(self, host: str, sandbox: str, name: str) -> list[str]:
-        out = self.on(host, "svcnet", "exec", sandbox, "--", "dig", "+short", "+tries=1", "+time=1", name, check=False)
-        return sorted(line for line in out.splitlines() if line and not line.startswith(";;"))
+from discovery.host.overlay import mac_for
+from tests.cluster.harness import CLUSTER, ROOT, TASK_SERVER, cluster_up
+from tests.helpers import require_tools, wait
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    require_root()
-    require_tools("ip", "nsenter", "etcd", "etcdctl", "dig", "curl")
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    if "svccl-" in listed:
-        raise AssertionError("a scripts/cluster.sh cluster is up already: 'scripts/cluster.sh down' it first")
-    harness = Cluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        out = harness.run("up", "3").stdout
-        assert [line.split()[0] for line in out.splitlines() if line.startswith("h")] == ["h1", "h2", "h3"], out
+    with cluster_up(tmp_path_factory.mktemp("cluster")) as harness:
         yield harness
-    finally:
-        harness.run("down", check=False)
 
 
 def test_three_hosts_three_etcd_members_every_node_ready(cluster):
@@ -198,10 +165,12 @@ def test_a_dead_agents_tasks_leave_answers_within_the_lease_and_return_with_thei
     node = json.loads(cluster.svcnet("h3", "node", "inspect", "h1", "--format", "json"))
     assert node["status"] == "down"
     h1 = cluster.run("addr", "h1").stdout.strip()
-    assert wait(lambda: f"dst {h1}" not in cluster.on("h3", "bridge", "fdb", "show"), 3), "h3 forgot h1's endpoints"
+    entry = f"{mac_for(address[0])} dev svvx"  # a1's FDB entry (h1's own node address stays)
+    assert wait(lambda: entry not in cluster.on("h3", "bridge", "fdb", "show"), 3), "h3 forgot h1's endpoints"
     cluster.run("start", "h1", "agent")
     assert wait(lambda: cluster.dig("h3", "c3", "a1") == address, 5), "back, same address"
-    assert wait(lambda: f"dst {h1}" in cluster.on("h3", "bridge", "fdb", "show"), 3)
+    assert wait(lambda: f"{entry}" in cluster.on("h3", "bridge", "fdb", "show")
+                and f"dst {h1}" in cluster.on("h3", "bridge", "fdb", "show"), 3)
     ping = cluster.on("h3", "svcnet", "exec", "c3", "--", "ping", "-c1", "-W2", "a1", check=False)
     assert " 0% packet loss" in ping, ping
     assert json.loads(cluster.svcnet("h2", "node", "inspect", "h1", "--format", "json"))["status"] == "ready"

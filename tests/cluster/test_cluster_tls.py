@@ -4,26 +4,18 @@ client certificates (--etcd-cacert/--etcd-cert/--etcd-key, as SVCNET_ETCD_* here
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from tests.cluster.test_cluster import Cluster
-from tests.helpers import require_root, require_tools, wait
+from tests.cluster.harness import cluster_up
+from tests.helpers import require_tools, wait
 
 
 @pytest.fixture(scope="module")
 def tls_cluster(tmp_path_factory):
-    require_root()
-    require_tools("ip", "nsenter", "etcd", "etcdctl", "openssl", "curl")
-    if "svccl-" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout:
-        raise AssertionError("a scripts/cluster.sh cluster is up already: 'scripts/cluster.sh down' it first")
-    harness = Cluster(tmp_path_factory.mktemp("tls-cluster"))
-    try:
-        harness.run("up", "3", "--tls")
+    require_tools("openssl")
+    with cluster_up(tmp_path_factory.mktemp("tls-cluster"), "--tls") as harness:
         yield harness
-    finally:
-        harness.run("down", check=False)
 
 
 def test_the_whole_cluster_runs_on_tls(tls_cluster):

@@ -185,6 +185,10 @@ def test_published_ports_are_unique_cluster_wide_and_change_live(etcd, prefix):
             await reg.update_ports("web", [], [(8080, "tcp")])
         with pytest.raises(ConflictError, match="already published by service 'api'"):
             await reg.update_ports("web", [PortSpec(9, 8080, "udp")], [])
+        changed = await reg.update_ports("web", [PortSpec(5353, 53, "udp")], [(53, "udp")])  # in place
+        assert sorted(str(p) for p in changed.ports) == ["53:5353/udp", "8443:443/tcp,source=keep"]
+        with pytest.raises(ConflictError, match="already published by service 'web'"):
+            await reg.create_service(Service("dns", ("pub",), ports=(PortSpec(53, 53, "udp"),)))
         await reg.create_service(Service("other", ("pub",), ports=(PortSpec(80, 8080),)))  # freed by --publish-rm
         await reg.remove_service("other")
         await reg.create_service(Service("again", ("pub",), ports=(PortSpec(80, 8080),)))  # freed by rm

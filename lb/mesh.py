@@ -1,0 +1,124 @@
+"""The routing-mesh plan: what this host's kernel does with each published port.
+
+Pure: View in, plain data out (diffed, unit-tested, equal across restarts), as ``plan.py``
+is for VIPs. A port published in ``ingress`` mode answers on every address of every node
+and goes to the service's healthy tasks wherever they run: on an overlay network every
+task, on a bridge network (one host) the tasks of this node. ``host`` mode answers only on
+nodes running a task, with their own tasks. Backends are sorted, so equal plans compare
+equal and a restarted agent rewrites nothing.
+
+Replies must come back through the node that did the DNAT. With ``source=nat`` (default,
+Docker's way) the node masquerades to its own address on the task's network: on an
+overlay, the per-node address every peer can reach (``Node.addresses``); on a bridge, the
+gateway. With ``source=keep`` it does not, and the task's node sends replies back through
+the node the request came from (``ReturnPath``: connmark + policy routing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from discovery.state.model import Service
+from discovery.state.view import View
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    address: IPv4Address
+    port: int
+    network: str
+
+
+@dataclass(frozen=True, order=True)
+class MeshPort:
+    published: int
+    protocol: str
+    service: str
+    mode: str  # ingress | host
+    source: str  # nat | keep
+    backends: tuple[Backend, ...]
+
+    @property
+    def tag(self) -> str:
+        """Stable chain-name part: one chain per published port and protocol."""
+        return hashlib.sha1(f"{self.published}/{self.protocol}".encode()).hexdigest()[:10].upper()
+
+    @property
+    def signature(self) -> str:
+        text = ",".join([str(self.published), self.protocol, self.service, self.mode, self.source,
+                         *(f"{b.address}:{b.port}" for b in self.backends)])
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Masquerade:
+    """Mesh traffic leaving through ``network``'s bridge takes ``source`` (None: the bridge's
+    gateway, for a bridge network whose tasks are all local)."""
+
+    network: str
+    source: IPv4Address | None
+
+
+@dataclass(frozen=True)
+class MeshPlan:
+    ports: tuple[MeshPort, ...] = ()
+    masquerades: tuple[Masquerade, ...] = ()
+
+    def by_key(self) -> dict[tuple[int, str], MeshPort]:
+        return {(p.published, p.protocol): p for p in self.ports}
+
+
+def mesh_plan(view: View, node: str) -> MeshPlan:
+    """This node's published ports, their backends, and how mesh traffic leaves each network."""
+    me = view.nodes.get(node)
+    ports: list[MeshPort] = []
+    used_networks: set[str] = set()
+    for service in sorted(view.services.values(), key=lambda s: s.name):
+        for spec in service.published:
+            backends = _backends(view, node, service, spec.target, local_only=spec.mode == "host")
+            if spec.mode == "host" and not backends:
+                continue  # host mode: a node without a task does not answer
+            used_networks.update(b.network for b in backends)
+            ports.append(MeshPort(spec.published, spec.protocol, service.name, spec.mode, spec.source,
+                                  tuple(sorted(backends))))
+    masquerades = []
+    for name in sorted(used_networks):
+        network = view.networks.get(name)
+        if network is None:
+            continue
+        if network.driver == "overlay":
+            own = me.address_on(name) if me is not None else None
+            if own is not None:
+                masquerades.append(Masquerade(name, own))
+        else:
+            masquerades.append(Masquerade(name, None))
+    return MeshPlan(tuple(sorted(ports)), tuple(masquerades))
+
+
+def _backends(view: View, node: str, service: Service, target: int, local_only: bool) -> list[Backend]:
+    """One backend per healthy task, on the first of the service's networks this node reaches it by."""
+    me = view.nodes.get(node)
+    found: dict[str, Backend] = {}
+    for network_name in service.networks:
+        network = view.networks.get(network_name)
+        piece = view.slices.get(network_name)
+        if network is None or piece is None or network.internal:
+            continue  # an internal network is sealed from the outside, published or not
+        overlay = network.driver == "overlay"
+        if overlay and not local_only and (me is None or me.address_on(network_name) is None):
+            # no address of our own there yet: remote tasks could not answer us; local ones can
+            overlay = False
+        for endpoint in piece.endpoints.values():
+            if endpoint.service != service.name or endpoint.health != "healthy" or endpoint.container in found:
+                continue
+            local = endpoint.node == node
+            if local or (overlay and not local_only and _reachable(view, endpoint.node)):
+                found[endpoint.container] = Backend(endpoint.ipv4, target, network_name)
+    return list(found.values())
+
+
+def _reachable(view: View, node: str) -> bool:
+    peer = view.nodes.get(node)
+    return peer is not None and bool(peer.vtep)

@@ -1,0 +1,130 @@
+"""The routing mesh in this host's netns with python-iptables (legacy tables, as the rest).
+
+Chains, per registry prefix (``<t>``: the prefix's tag; ``<p>``: a published port's):
+
+    nat PREROUTING, OUTPUT -j SVCNET-MESH-<t>
+    nat SVCNET-MESH-<t>:  ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -p tcp --dport P -j SVCNET-P<t>-<p>
+    nat SVCNET-P<t>-<p>:  mark for masquerade (every connection, or with source=keep only those from
+                          a sandbox or this host, which could not get replies otherwise)
+                          then DNAT task:T, spread with -m statistic (as the VIP chains)
+    nat POSTROUTING -j SVCNET-MPOST-<t>
+    nat SVCNET-MPOST-<t>: -o <bridge> -m mark --mark M/M -j SNAT --to-source <this node's address>
+                          (MASQUERADE on a bridge network: its tasks are all local)
+
+Every chain is converged rule by rule against the kernel: a port whose backends did not change
+keeps its chain untouched, and a restarted agent writes nothing. A port without a healthy task
+keeps its dispatch rule and no DNAT: the connection reaches this host's own port (closed: refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import iptc
+from iptc import easy
+
+from discovery.host.firewall import MESH_MARK
+from discovery.host.netlink import bridge_name
+from discovery.host.xtables import LOCK, converge_chain, drop_chain, dump, fresh_table, release, unjump
+
+from .mesh import MeshPlan, MeshPort
+
+log = logging.getLogger(__name__)
+
+MARK = f"{MESH_MARK:#x}/{MESH_MARK:#x}"
+
+
+def _tag(prefix: str) -> str:
+    return hashlib.sha1(prefix.encode()).hexdigest()[:6].upper()
+
+
+def chain_names(prefix: str) -> tuple[str, str, str]:
+    """(dispatch chain, POSTROUTING chain, the per-port chains' name prefix)."""
+    tag = _tag(prefix)
+    return f"SVCNET-MESH-{tag}", f"SVCNET-MPOST-{tag}", f"SVCNET-P{tag}-"
+
+
+def port_chain(prefix: str, port: MeshPort) -> str:
+    return chain_names(prefix)[2] + port.tag[:8]
+
+
+def dispatch_rules(prefix: str, plan: MeshPlan) -> list[dict]:
+    return [{"dst": "!127.0.0.0/8", "addrtype": {"dst-type": "LOCAL"}, "protocol": port.protocol,
+             port.protocol: {"dport": str(port.published)}, "target": port_chain(prefix, port)}
+            for port in plan.ports]
+
+
+def port_rules(port: MeshPort) -> list[dict]:
+    comment = {"comment": f"svcnet {port.published}/{port.protocol} {port.service} {port.signature}"}
+    mark = {"MARK": {"set-xmark": MARK}}
+    if port.mode == "ingress" and port.source == "nat":
+        rules = [{"comment": comment, "target": mark}]
+    else:  # the client's address is kept, except where replies could not find their way back
+        rules = [{"comment": comment, "in-interface": "svbr+", "target": mark},
+                 {"comment": comment, "addrtype": {"src-type": "LOCAL"}, "target": mark}]
+    count = len(port.backends)
+    for index, backend in enumerate(port.backends):
+        rule = {"comment": comment, "protocol": port.protocol,
+                "target": {"DNAT": {"to-destination": f"{backend.address}:{backend.port}"}}}
+        if index < count - 1:
+            rule["statistic"] = {"mode": "random", "probability": f"{1.0 / (count - index):.11f}"}
+        rules.append(rule)
+    return rules
+
+
+def postrouting_rules(prefix: str, plan: MeshPlan) -> list[dict]:
+    rules = []
+    for masq in plan.masquerades:
+        rule: dict = {"out-interface": bridge_name(prefix, masq.network), "mark": {"mark": MARK}}
+        rule["target"] = {"SNAT": {"to-source": str(masq.source)}} if masq.source else "MASQUERADE"
+        rules.append(rule)
+    return rules
+
+
+def sync(prefix: str, plan: MeshPlan) -> int:
+    """Converge this netns's mesh chains to ``plan``; returns how many chains were written."""
+    dispatch, post, port_prefix = chain_names(prefix)
+    written = 0
+    with LOCK:
+        nat = fresh_table("nat")
+        try:
+            wanted = {port_chain(prefix, port): port_rules(port) for port in plan.ports}
+            for name, rules in wanted.items():
+                written += converge_chain(nat, name, rules)
+            written += converge_chain(nat, dispatch, dispatch_rules(prefix, plan))
+            written += converge_chain(nat, post, postrouting_rules(prefix, plan))
+            for parent, child in (("PREROUTING", dispatch), ("OUTPUT", dispatch), ("POSTROUTING", post)):
+                if {"target": child} not in dump(iptc.Chain(nat, parent)):
+                    iptc.Chain(nat, parent).insert_rule(easy.encode_iptc_rule({"target": child}))
+                    written += 1
+            for chain in list(nat.chains):  # ports no longer published (their dispatch rule went above)
+                if chain.name.startswith(port_prefix) and chain.name not in wanted:
+                    chain.flush()
+                    nat.delete_chain(chain.name)
+                    written += 1
+            if written:
+                nat.commit()
+        finally:
+            release(nat)
+    if written:
+        log.info("mesh rules synced ports=%d chains_written=%d", len(plan.ports), written)
+    return written
+
+
+def remove(prefix: str) -> None:
+    dispatch, post, port_prefix = chain_names(prefix)
+    with LOCK:
+        nat = fresh_table("nat")
+        try:
+            if nat.is_chain(dispatch):
+                unjump(nat, "OUTPUT", dispatch)
+                drop_chain(nat, "PREROUTING", dispatch)
+            drop_chain(nat, "POSTROUTING", post)
+            for chain in list(nat.chains):
+                if chain.name.startswith(port_prefix):
+                    chain.flush()
+                    nat.delete_chain(chain.name)
+            nat.commit()
+        finally:
+            release(nat)

@@ -1,0 +1,188 @@
+"""Acceptance: the routing mesh on scripts/cluster.sh, driven from the outside client namespace.
+
+Service `web` on overlay `mesh` has tasks w1 (on h1) and w2 (on h2); h3 runs none. A port
+published in ingress mode answers on every host and spreads over both tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.cluster.harness import CLUSTER, TASK_SERVER, cluster_up
+from tests.helpers import wait
+
+HOSTS = ("h1", "h2", "h3")
+
+CONNECT = """
+import collections, socket, sys
+address, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+seen = collections.Counter()
+for _ in range(count):
+    try:
+        s = socket.create_connection((address, port), timeout=2)
+        seen[s.recv(64).split(b"\\n")[0].decode() or "closed"] += 1
+        s.close()
+    except OSError as exc:
+        seen[type(exc).__name__] += 1
+print(dict(seen))
+"""
+
+DATAGRAMS = """
+import collections, socket, sys
+address, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+seen = collections.Counter()
+for _ in range(count):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a new source port: a new flow each time
+    s.settimeout(2)
+    s.sendto(b"x", (address, port))
+    try:
+        seen[s.recv(64).decode().strip()] += 1
+    except OSError as exc:
+        seen[type(exc).__name__] += 1
+    s.close()
+print(dict(seen))
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with cluster_up(tmp_path_factory.mktemp("mesh")) as harness:
+        harness.svcnet("h1", "network", "create", "mesh", "--driver", "overlay", "--subnet", "10.64.0.0/24")
+        harness.svcnet("h1", "service", "create", "web", "--network", "mesh",
+                       "--publish", "8080:8080", "--publish", "9053:8080/udp")
+        for host, task in (("h1", "w1"), ("h2", "w2")):
+            harness.svcnet(host, "run", "-d", "--name", task, "--network", "mesh", "--service", "web", "--",
+                           "python3", TASK_SERVER, task, "8080")
+        harness.addresses = {host: harness.run("addr", host).stdout.strip() for host in HOSTS}
+        assert wait(lambda: tcp(harness, "h3", 8080, 10).keys() == {"w1", "w2"}, 10), "the mesh came up"
+        yield harness
+
+
+def tcp(cluster, host: str, port: int, count: int) -> dict:
+    out = cluster.run("client", "--", "python3", "-c", CONNECT, cluster.addresses[host], str(port), str(count))
+    return eval(out.stdout)  # a dict literal printed by the script above
+
+
+def udp(cluster, host: str, port: int, count: int) -> dict:
+    out = cluster.run("client", "--", "python3", "-c", DATAGRAMS, cluster.addresses[host], str(port), str(count))
+    return eval(out.stdout)
+
+
+def test_tcp_and_udp_to_every_host_spread_over_the_tasks_on_h1_and_h2(cluster):
+    for host in HOSTS:  # h3 runs no task: it still answers
+        for seen in (tcp(cluster, host, 8080, 90), udp(cluster, host, 9053, 90)):
+            assert set(seen) == {"w1", "w2"} and sum(seen.values()) == 90, (host, seen)
+            # binomial(90, 1/2): fewer than 25 on one side happens with p < 1e-5
+            assert min(seen.values()) >= 25, (host, seen)
+
+
+def test_hairpin_from_a_sandbox_and_from_a_host(cluster):
+    cluster.svcnet("h1", "run", "-d", "--name", "c1", "--network", "mesh", "--", "sleep", "1000")
+    for host in ("h1", "h3"):
+        out = cluster.on("h1", "svcnet", "exec", "c1", "--", "python3", "-c", CONNECT,
+                         cluster.addresses[host], "8080", "20")
+        assert set(eval(out)) == {"w1", "w2"}, (host, out)
+    out = cluster.on("h3", "python3", "-c", CONNECT, cluster.addresses["h3"], "8080", "20")
+    assert set(eval(out)) == {"w1", "w2"}, ("from h3 itself", out)
+
+
+def test_only_what_is_published_is_reachable_from_the_underlay(cluster):
+    w1 = next(r for r in json.loads(cluster.svcnet("h1", "ps", "--format", "json")) if r["name"] == "w1")
+    address = w1["endpoints"][0]["ipv4"]
+    cluster.run("client", "--", "ip", "route", "replace", "10.64.0.0/24", "via", cluster.addresses["h1"])
+    try:
+        direct = cluster.run("client", "--", "python3", "-c", CONNECT.replace("timeout=2", "timeout=1"),
+                             address, "8080", "1")
+        assert eval(direct.stdout) == {"TimeoutError": 1}, direct.stdout
+        assert set(tcp(cluster, "h1", 8080, 10)) <= {"w1", "w2"}
+    finally:
+        cluster.run("client", "--", "ip", "route", "del", "10.64.0.0/24", check=False)
+
+
+def test_a_published_port_is_refused_to_a_second_service_and_changes_live(cluster):
+    refused = cluster.run("on", "h2", "--", "svcnet", "service", "create", "api", "--network", "mesh",
+                          "--publish", "8080:80", check=False)
+    assert refused.returncode != 0 and "already published by service 'web'" in refused.stderr, refused.stderr
+    cluster.svcnet("h2", "service", "update", "web", "--publish-add", "8081:8080")
+    started = time.monotonic()
+    assert wait(lambda: set(tcp(cluster, "h3", 8081, 6)) == {"w1", "w2"}, 5)
+    assert time.monotonic() - started < 3
+    cluster.svcnet("h3", "service", "update", "web", "--publish-rm", "8081")
+    assert wait(lambda: tcp(cluster, "h3", 8081, 1) == {"ConnectionRefusedError": 1}, 2)
+
+
+def test_host_mode_answers_only_where_a_task_runs_with_its_own_task(cluster):
+    cluster.svcnet("h1", "service", "create", "local", "--network", "mesh", "--publish", "7070:8080,mode=host")
+    cluster.svcnet("h2", "run", "-d", "--name", "l2", "--network", "mesh", "--service", "local", "--",
+                   "python3", TASK_SERVER, "l2", "8080")
+    assert wait(lambda: tcp(cluster, "h2", 7070, 10) == {"l2": 10}, 5)
+    for host in ("h1", "h3"):
+        assert tcp(cluster, host, 7070, 3) == {"ConnectionRefusedError": 3}, host
+
+
+def test_an_agent_restart_leaves_the_rules_byte_identical(cluster):
+    before = {host: rules(cluster, host) for host in ("h2", "h3")}
+    assert "SVCNET-MESH-" in before["h3"] and "DNAT" in before["h3"]
+    for host in ("h2", "h3"):
+        cluster.run("kill", host, "agent")
+        cluster.run("start", host, "agent")
+    time.sleep(2)  # a restarted agent syncs within ms; give it time to (wrongly) write anything
+    for host in ("h2", "h3"):
+        assert rules(cluster, host) == before[host], host
+    assert set(tcp(cluster, "h3", 8080, 10)) == {"w1", "w2"}
+
+
+STICKY_FLOW = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one socket: one conntrack flow throughout
+s.settimeout(0.5)
+def ask():
+    s.sendto(b"x", (sys.argv[1], int(sys.argv[2])))
+    try:
+        return s.recv(64).decode().strip()
+    except OSError:
+        return "timeout"
+for _ in range(200):
+    if ask() == "w2":
+        break
+    s.close()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(0.5)
+print("on-w2", flush=True)
+sys.stdin.readline()  # the test stopped w2
+stopped = time.monotonic()
+while time.monotonic() - stopped < 3:
+    print(f"{time.monotonic() - stopped:.2f} {ask()}", flush=True)
+    time.sleep(0.1)
+"""
+
+
+def test_a_stopped_task_gets_no_new_connection_after_1s_and_its_udp_flow_moves(cluster):
+    w2 = next(r for r in json.loads(cluster.svcnet("h2", "ps", "--format", "json")) if r["name"] == "w2")
+    flow = subprocess.Popen([CLUSTER, "client", "--", "python3", "-c", STICKY_FLOW, cluster.addresses["h3"], "9053"],
+                            env=cluster.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert flow.stdout.readline().strip() == "on-w2"
+        os.kill(w2["pid"], signal.SIGKILL)  # the task's process dies: its endpoint turns exited
+        flow.stdin.write("\n")
+        flow.stdin.flush()
+        answers = [line.split() for line in flow.communicate(timeout=30)[0].splitlines()]
+    finally:
+        flow.kill()
+    late = [who for at, who in answers if float(at) >= 1.0]
+    assert late and set(late) == {"w1"}, answers
+    assert tcp(cluster, "h3", 8080, 30) == {"w1": 30}
+    assert tcp(cluster, "h1", 8080, 30) == {"w1": 30}
+
+
+def rules(cluster, host: str) -> str:
+    """The host's nat, filter and raw tables without counters."""
+    text = "".join(cluster.on(host, "iptables-legacy-save", "-t", table) for table in ("nat", "filter", "raw"))
+    return re.sub(r"\[\d+:\d+\]", "", "\n".join(line for line in text.splitlines() if not line.startswith("#")))
