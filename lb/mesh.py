@@ -17,11 +17,14 @@ the node the request came from (``ReturnPath``: connmark + policy routing).
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from discovery.state.model import Service
 from discovery.state.view import View
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, order=True)
@@ -61,10 +64,25 @@ class Masquerade:
     source: IPv4Address | None
 
 
+@dataclass(frozen=True, order=True)
+class ReturnPath:
+    """Replies of ``source=keep`` flows that came in from ``address`` (another node's own
+    address on ``network``) go back to it: the flow is connmarked with ``slot`` (the
+    address's offset in the subnet), and a policy route sends marked replies there."""
+
+    network: str
+    address: IPv4Address
+    slot: int
+
+
+MAX_SLOT = 0x7FF  # RETURN_MASK's width
+
+
 @dataclass(frozen=True)
 class MeshPlan:
     ports: tuple[MeshPort, ...] = ()
     masquerades: tuple[Masquerade, ...] = ()
+    returns: tuple[ReturnPath, ...] = ()
 
     def by_key(self) -> dict[tuple[int, str], MeshPort]:
         return {(p.published, p.protocol): p for p in self.ports}
@@ -94,7 +112,37 @@ def mesh_plan(view: View, node: str) -> MeshPlan:
                 masquerades.append(Masquerade(name, own))
         else:
             masquerades.append(Masquerade(name, None))
-    return MeshPlan(tuple(sorted(ports)), tuple(masquerades))
+    return MeshPlan(tuple(sorted(ports)), tuple(masquerades), tuple(sorted(_return_paths(view, node))))
+
+
+def _return_paths(view: View, node: str) -> list[ReturnPath]:
+    """Where this node sends replies of kept-source flows to its own tasks: for every overlay
+    network with a local task of such a port, every other node's address there."""
+    networks: set[str] = set()
+    for service in view.services.values():
+        if any(p.mode == "ingress" and p.source == "keep" for p in service.published):
+            for network_name in service.networks:
+                piece = view.slices.get(network_name)
+                network = view.networks.get(network_name)
+                if piece is None or network is None or network.driver != "overlay":
+                    continue
+                if any(e.service == service.name and e.node == node for e in piece.endpoints.values()):
+                    networks.add(network_name)
+    paths = []
+    for name in networks:
+        subnet = view.networks[name].subnet
+        for other in view.nodes.values():
+            address = other.address_on(name)
+            if other.name == node or address is None or not other.vtep:
+                continue
+            slot = int(address) - int(subnet.network_address)
+            if 0 < slot <= MAX_SLOT:
+                paths.append(ReturnPath(name, address, slot))
+            else:
+                log.error("source=keep: node %s's address %s on %s is beyond the first %d of the subnet; "
+                          "its replies cannot be routed back (recreate the network, or publish without "
+                          "source=keep)", other.name, address, name, MAX_SLOT)
+    return paths
 
 
 def _backends(view: View, node: str, service: Service, target: int, local_only: bool) -> list[Backend]:

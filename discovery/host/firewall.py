@@ -28,7 +28,9 @@ BRIDGE_WILDCARD = "svbr+"
 # Set by the routing mesh (lb/mesh_iptables.py) on a connection's first packet when it must
 # be masqueraded to this node's own address on the task's network; our outbound NAT leaves
 # such packets to the mesh's SNAT.
-MESH_MARK = 0x01000000
+MESH_MARK = 0x00080000
+# Connection marks of source=keep flows: which node's address replies go back to (bits 20-30).
+RETURN_MASK = 0x7FF00000
 
 
 def chain_names(prefix: str) -> tuple[str, str]:

@@ -95,9 +95,10 @@ class HostSync:
         for bridge in netlink.list_bridges(self.prefix).values():
             netlink.remove_link(bridge.ifname)
         firewall.remove(self.prefix)
-        from lb import mesh_iptables
+        from lb import mesh_iptables, mesh_keep
 
         mesh_iptables.remove(self.prefix)
+        mesh_keep.remove(self.prefix)
 
     def desired_peers(self, view: View) -> dict:
         """Overlay network -> (this node's own address on it, the remote endpoints and nodes its
@@ -134,12 +135,13 @@ class HostSync:
             self._apply_mesh(mesh)
 
     def _apply_mesh(self, mesh: MeshPlan) -> None:
-        from lb import mesh_iptables
+        from lb import mesh_iptables, mesh_keep
         from lb.conntrack import forget_mesh_udp_flows
 
         before = self._mesh_applied.by_key() if self._mesh_applied is not None else {}
         self._mesh_applied = None  # until it is in: a failure makes the next sync converge again
         mesh_iptables.sync(self.prefix, mesh)
+        mesh_keep.sync(self.prefix, mesh.returns)
         self._mesh_applied = mesh
         now = mesh.by_key()
         lost: dict[int, set] = {}

@@ -60,6 +60,11 @@ def cluster(tmp_path_factory):
         for host, task in (("h1", "w1"), ("h2", "w2")):
             harness.svcnet(host, "run", "-d", "--name", task, "--network", "mesh", "--service", "web", "--",
                            "python3", TASK_SERVER, task, "8080")
+        harness.svcnet("h1", "service", "create", "kept", "--network", "mesh", "--publish", "8090:8080,source=keep",
+                       "--publish", "9090:8080/udp,source=keep")
+        for host, task in (("h1", "k1"), ("h2", "k2")):
+            harness.svcnet(host, "run", "-d", "--name", task, "--network", "mesh", "--service", "kept", "--",
+                           "python3", TASK_SERVER, task, "8080", "--peer")
         harness.addresses = {host: harness.run("addr", host).stdout.strip() for host in HOSTS}
         assert wait(lambda: tcp(harness, "h3", 8080, 10).keys() == {"w1", "w2"}, 10), "the mesh came up"
         yield harness
@@ -81,6 +86,20 @@ def test_tcp_and_udp_to_every_host_spread_over_the_tasks_on_h1_and_h2(cluster):
             assert set(seen) == {"w1", "w2"} and sum(seen.values()) == 90, (host, seen)
             # binomial(90, 1/2): fewer than 25 on one side happens with p < 1e-5
             assert min(seen.values()) >= 25, (host, seen)
+
+
+def test_source_keep_tasks_see_the_client_wherever_the_client_came_in(cluster):
+    client = cluster.run("client", "--", "ip", "-4", "-o", "addr", "show", "scope", "global").stdout.split()[3]
+    client = client.split("/")[0]
+    for host in HOSTS:
+        for seen in (tcp(cluster, host, 8090, 40), udp(cluster, host, 9090, 40)):
+            assert set(seen) == {f"k1 {client}", f"k2 {client}"}, (host, seen)
+    nat = json.loads(cluster.svcnet("h3", "node", "inspect", "h3", "--format", "json"))["addresses"]["mesh"]
+    plain = cluster.run("client", "--", "python3", "-c", CONNECT, cluster.addresses["h3"], "8091", "1", check=False)
+    assert "ConnectionRefusedError" in plain.stdout, "nothing on a port nobody published"
+    cluster.svcnet("h2", "service", "update", "kept", "--publish-add", "8091:8080")  # default: masquerade
+    assert wait(lambda: tcp(cluster, "h3", 8091, 10).keys() == {f"k1 {nat}", f"k2 {nat}"}, 5), \
+        "without source=keep tasks see h3's own address on the network"
 
 
 def test_hairpin_from_a_sandbox_and_from_a_host(cluster):
@@ -130,6 +149,7 @@ def test_host_mode_answers_only_where_a_task_runs_with_its_own_task(cluster):
 def test_an_agent_restart_leaves_the_rules_byte_identical(cluster):
     before = {host: rules(cluster, host) for host in ("h2", "h3")}
     assert "SVCNET-MESH-" in before["h3"] and "DNAT" in before["h3"]
+    assert "SVCNET-KEEP-" in before["h2"] and "lookup" in before["h2"], "h2 runs a source=keep task"
     for host in ("h2", "h3"):
         cluster.run("kill", host, "agent")
         cluster.run("start", host, "agent")
@@ -183,6 +203,8 @@ def test_a_stopped_task_gets_no_new_connection_after_1s_and_its_udp_flow_moves(c
 
 
 def rules(cluster, host: str) -> str:
-    """The host's nat, filter and raw tables without counters."""
-    text = "".join(cluster.on(host, "iptables-legacy-save", "-t", table) for table in ("nat", "filter", "raw"))
+    """The host's nat, filter, raw and mangle tables without counters, and its ip rules and tables."""
+    text = "".join(cluster.on(host, "iptables-legacy-save", "-t", table)
+                   for table in ("nat", "filter", "raw", "mangle"))
+    text += cluster.on(host, "ip", "-4", "rule") + cluster.on(host, "ip", "-4", "route", "show", "table", "all")
     return re.sub(r"\[\d+:\d+\]", "", "\n".join(line for line in text.splitlines() if not line.startswith("#")))

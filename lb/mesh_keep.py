@@ -1,0 +1,145 @@
+"""The return path of ``source=keep``: replies go back through the node the client reached.
+
+With the client's address kept, a task's reply is addressed to the client, and its own node
+would route it straight out to the underlay, where nobody knows the connection. So, on the
+task's node, in this host's netns:
+
+    mangle PREROUTING -j SVCNET-KEEP-<t>
+    mangle SVCNET-KEEP-<t>: -i <bridge> -m mac --mac-source <MAC of node M's address> --ctstate NEW
+                                -j CONNMARK --set-xmark <slot of M>/RETURN_MASK
+                            -i <bridge> --ctstate ESTABLISHED -j CONNMARK --restore-mark (RETURN_MASK)
+    ip rule  fwmark <slot>/RETURN_MASK iif <bridge> lookup <table>    (priority 3000)
+    table <table>: default via <M's address> dev <bridge> onlink
+
+A request that node M DNATed arrives bridged from the VXLAN port with M's bridge MAC as its
+source (M routed it): the flow is marked with M's slot. The task's reply, routed by this node,
+gets the mark back and the policy route sends it over the overlay to M, whose conntrack
+undoes the DNAT. The table id is M's address as a number (unique: addresses are unique
+cluster-wide); the slot is its offset in the subnet, and ``iif`` keeps slots of different
+networks apart. Needs br_netfilter's bridge-nf-call-iptables=1 (Docker sets it) so bridged
+requests are tracked.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+
+import iptc
+from iptc import easy
+from pyroute2 import IPRoute, NetlinkError
+
+from discovery.host import netlink
+from discovery.host.firewall import RETURN_MASK
+from discovery.host.netlink import bridge_name
+from discovery.host.overlay import mac_for
+from discovery.host.xtables import LOCK, converge_chain, drop_chain, dump, fresh_table, release
+
+from .mesh import ReturnPath
+
+log = logging.getLogger(__name__)
+
+RULE_PRIORITY = 3000
+SLOT_SHIFT = 20
+
+
+def chain_name(prefix: str) -> str:
+    return "SVCNET-KEEP-" + hashlib.sha1(prefix.encode()).hexdigest()[:6].upper()
+
+
+def _mark(slot: int) -> int:
+    return slot << SLOT_SHIFT
+
+
+def mangle_rules(prefix: str, paths: tuple[ReturnPath, ...]) -> list[dict]:
+    rules = []
+    mask = f"{RETURN_MASK:#x}"
+    for path in paths:
+        rules.append({"in-interface": bridge_name(prefix, path.network), "mac": {"mac-source": mac_for(path.address)},
+                      "conntrack": {"ctstate": "NEW"},
+                      "target": {"CONNMARK": {"set-xmark": f"{_mark(path.slot):#x}/{mask}"}}})
+    for network in sorted({p.network for p in paths}):
+        rules.append({"in-interface": bridge_name(prefix, network), "conntrack": {"ctstate": "ESTABLISHED"},
+                      "target": {"CONNMARK": {"restore-mark": "", "nfmask": mask, "ctmask": mask}}})
+    return rules
+
+
+def sync(prefix: str, paths: tuple[ReturnPath, ...]) -> int:
+    """Converge the mangle chain, the ip rules and their tables to ``paths``; returns changes made."""
+    changed = 0
+    chain = chain_name(prefix)
+    with LOCK:
+        mangle = fresh_table("mangle")
+        try:
+            changed += converge_chain(mangle, chain, mangle_rules(prefix, paths))
+            if paths and {"target": chain} not in dump(iptc.Chain(mangle, "PREROUTING")):
+                iptc.Chain(mangle, "PREROUTING").insert_rule(easy.encode_iptc_rule({"target": chain}))
+                changed += 1
+            if changed:
+                mangle.commit()
+        finally:
+            release(mangle)
+    changed += _sync_routes(prefix, paths)
+    if changed:
+        log.info("source=keep return paths synced paths=%d changes=%d", len(paths), changed)
+    return changed
+
+
+def _sync_routes(prefix: str, paths: tuple[ReturnPath, ...]) -> int:
+    bridges = {bridge_name(prefix, p.network) for p in paths}
+    wanted = {(int(p.address), _mark(p.slot), bridge_name(prefix, p.network), str(p.address)) for p in paths}
+    changes = 0
+    with IPRoute() as ipr:
+        ours = [r for r in ipr.get_rules(family=2) if r.get("priority") == RULE_PRIORITY
+                and (r.get("FRA_IIFNAME") or "").startswith("svbr")]
+        present = {}
+        for rule in ours:
+            key = (rule.get("FRA_TABLE") or rule["table"], rule.get("FRA_FWMARK"), rule.get("FRA_IIFNAME"))
+            present[key] = rule
+        mine = {b.ifname for b in netlink.list_bridges(prefix).values()}
+        # ours: rules on our bridges, and on bridges that are gone (a removed network's)
+        owned_bridges = bridges | {b for _, _, b in present if b in mine or not ipr.link_lookup(ifname=b)}
+        for key in present:
+            table, mark, bridge = key
+            if bridge in owned_bridges and not any(w[:3] == key for w in wanted):
+                _quiet(ipr.rule, "del", family=2, priority=RULE_PRIORITY, table=table, fwmark=mark,
+                       fwmask=RETURN_MASK, iifname=bridge)
+                _quiet(ipr.route, "del", table=table, dst="0.0.0.0/0")
+                changes += 1
+        for table, mark, bridge, gateway in sorted(wanted):
+            index = ipr.link_lookup(ifname=bridge)
+            if not index:
+                continue
+            routes = ipr.get_routes(family=2, table=table)
+            if not any(r.get("RTA_GATEWAY") == gateway and r.get("RTA_OIF") == index[0] for r in routes):
+                ipr.route("replace", table=table, dst="0.0.0.0/0", gateway=gateway, oif=index[0], flags=4)  # onlink
+                changes += 1
+            if (table, mark, bridge) not in present:
+                try:
+                    ipr.rule("add", family=2, priority=RULE_PRIORITY, table=table, fwmark=mark,
+                             fwmask=RETURN_MASK, iifname=bridge)
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise
+                changes += 1
+    return changes
+
+
+def remove(prefix: str) -> None:
+    sync(prefix, ())
+    with LOCK:
+        mangle = fresh_table("mangle")
+        try:
+            drop_chain(mangle, "PREROUTING", chain_name(prefix))
+            mangle.commit()
+        finally:
+            release(mangle)
+
+
+def _quiet(call, *args, **kwargs) -> None:
+    try:
+        call(*args, **kwargs)
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENOENT, errno.ESRCH):
+            raise
