@@ -5,7 +5,10 @@
 2. TCP throughput (iperf3, --seconds each) between sandboxes on h1 and h2 over the overlay,
    vs between the hosts h1 and h2 over the underlay (target: overlay >= 80 % of underlay);
 3. short TCP connections from h1 to a VIP whose tasks are on h2 and h3, vs straight to one
-   of those tasks (one client process, --seconds each).
+   of those tasks (one client process, --seconds each);
+4. the routing mesh: short TCP connections from the outside client namespace to h1's
+   published port (h1 runs no task: DNAT there, then over the overlay to h2 or h3) vs to
+   the same server run straight on h2's underlay address (target: mesh >= 90 %).
 
     sudo .venv/bin/python bench/cluster_bench.py [--samples 100] [--seconds 5] [--runs 3]
 
@@ -109,13 +112,33 @@ def iperf(server_host: str, server_ns: str | None, client_host: str, client_ns: 
         server.wait()
 
 
+def connect_script(address: str, port: int, seconds: float) -> str:
+    return (f"import socket, time\nend = time.monotonic() + {seconds}\nn = 0\n"
+            "while time.monotonic() < end:\n"
+            f"    s = socket.create_connection(('{address}', {port}), timeout=2)\n"
+            "    s.recv(64)\n    s.close()\n    n += 1\n"
+            f"print(n / {seconds})")
+
+
 def connections(host: str, sandbox: str, address: str, seconds: float) -> float:
-    script = (f"import socket, time\nend = time.monotonic() + {seconds}\nn = 0\n"
-              "while time.monotonic() < end:\n"
-              f"    s = socket.create_connection(('{address}', 8080), timeout=2)\n"
-              "    s.recv(64)\n    s.close()\n    n += 1\n"
-              f"print(n / {seconds})")
-    return float(svcnet(host, "exec", sandbox, "--", "python3", "-c", script).strip())
+    return float(svcnet(host, "exec", sandbox, "--", "python3", "-c", connect_script(address, 8080, seconds)).strip())
+
+
+def mesh_connections(seconds: float, runs: int) -> tuple[float, float]:
+    """(conn/s to h1's published port, conn/s to a server straight on h2's underlay address), medians."""
+    server = subprocess.Popen([CLUSTER, "on", "h2", "--", "python3", TASK_SERVER, "h2", "18080"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        h1, h2 = cluster("addr", "h1").strip(), cluster("addr", "h2").strip()
+        mesh, direct = [], []
+        for _ in range(runs):  # alternating, medians
+            mesh.append(float(cluster("client", "--", "python3", "-c", connect_script(h1, 8080, seconds))))
+            direct.append(float(cluster("client", "--", "python3", "-c", connect_script(h2, 18080, seconds))))
+        return statistics.median(mesh), statistics.median(direct)
+    finally:
+        server.kill()
+        server.wait()
 
 
 def main() -> int:
@@ -132,7 +155,7 @@ def main() -> int:
     cluster("up", "3")
     try:
         svcnet("h1", "network", "create", "ov", "--driver", "overlay", "--subnet", "10.77.0.0/16")
-        svcnet("h1", "service", "create", "web", "--network", "ov")
+        svcnet("h1", "service", "create", "web", "--network", "ov", "--publish", "8080:8080")
         for host in ("h2", "h3"):
             svcnet(host, "run", "-d", "--name", f"t{host[1]}", "--network", "ov", "--service", "web", "--",
                    "python3", TASK_SERVER, f"t{host[1]}", "8080")
@@ -161,6 +184,12 @@ def main() -> int:
         print(f"\nshort TCP connections from h1, {args.seconds} s each, one client process:")
         print(f"  straight to a task on h2: {direct:.0f} conn/s   to the VIP (tasks on h2, h3): {through:.0f} conn/s"
               f"   ({through / direct:.0%} of direct)")
+
+        mesh, straight = mesh_connections(args.seconds, args.runs)
+        print(f"\nrouting mesh, short TCP connections from the client namespace, {args.seconds} s each, "
+              f"median of {args.runs}:")
+        print(f"  to h1:8080 (no task on h1; tasks on h2, h3): {mesh:.0f} conn/s   straight to a server on h2's "
+              f"address: {straight:.0f} conn/s   mesh/straight {mesh / straight:.0%} (target >= 90%)")
     finally:
         cluster("down", check=False)
     return 0

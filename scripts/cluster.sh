@@ -90,10 +90,14 @@ spawn() {  # spawn HOST NAME CMD...: run in HOST's netns in the background, pid 
 }
 
 ours() {  # ours HOST NAME: the pid of that process if it still runs (and is what we started)
-    local pid
+    local pid stat cmdline
     pid=$(cat "$DIR/$1/$2.pid" 2>/dev/null) || return 1
-    [[ -n $pid && -e /proc/$pid ]] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$DIR/$1" || return 1
+    [[ -n $pid ]] && stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} != Z ]] || return 1  # exited, not yet reaped
+    # empty while the process is between nsenter, env and python (execve): still ours
+    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)
+    [[ -z $cmdline || $cmdline == *"$DIR/$1"* ]] || return 1
     echo "$pid"
 }
 

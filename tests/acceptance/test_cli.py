@@ -126,7 +126,8 @@ def test_services_get_a_vip_and_list_their_tasks(cli):
     info = cli.json("service", "inspect", web)
     assert info["vips"] == {net: "10.66.0.2"}
     assert [t["container"] for t in info["tasks"]] == [cli.name("t1")]
-    assert info["ports"] == [{"target": 80, "published": 8080, "protocol": "tcp", "mode": "ingress"}]
+    assert info["ports"] == [{"target": 80, "published": 8080, "protocol": "tcp", "mode": "ingress",
+                             "source": "nat"}]
     refused = cli.run("service", "rm", web, check=False)
     assert refused.returncode != 0 and "still has tasks" in refused.stderr
     dnsrr = cli.run("service", "create", cli.name("rr"), "--network", net, "--endpoint-mode", "dnsrr")
