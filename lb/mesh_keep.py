@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+from pathlib import Path
 
 import iptc
 from iptc import easy
@@ -69,6 +70,8 @@ def sync(prefix: str, paths: tuple[ReturnPath, ...]) -> int:
     """Converge the mangle chain, the ip rules and their tables to ``paths``; returns changes made."""
     changed = 0
     chain = chain_name(prefix)
+    if not paths and not _table_in_use("mangle"):
+        return _sync_routes(prefix, paths)  # never instantiate mangle for nothing: every packet would pay
     with LOCK:
         mangle = fresh_table("mangle")
         try:
@@ -126,8 +129,17 @@ def _sync_routes(prefix: str, paths: tuple[ReturnPath, ...]) -> int:
     return changes
 
 
+def _table_in_use(name: str) -> bool:
+    """Is the legacy table instantiated in this thread's netns? Asking libiptc would create it."""
+    try:
+        return name in Path("/proc/thread-self/net/ip_tables_names").read_text().split()
+    except OSError:
+        return True
+
 def remove(prefix: str) -> None:
     sync(prefix, ())
+    if not _table_in_use("mangle"):
+        return
     with LOCK:
         mangle = fresh_table("mangle")
         try:

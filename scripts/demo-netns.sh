@@ -44,7 +44,7 @@ verdict() { # ok? description
 
 step network create demo-front --subnet 10.210.0.0/24 --subnet6 fd00:210::/64
 step network create demo-back --subnet 10.211.0.0/24 --internal
-step service create web --network demo-front --publish 80
+step service create web --network demo-front --publish 18080:80
 # each task answers TCP port 80 with its hostname
 TASK='import socket
 s = socket.create_server(("", 80)); name = socket.gethostname().encode()
@@ -104,6 +104,25 @@ print(" ".join(f"{name}={count}" for name, count in sorted(seen.items())))' || t
 printf '  web:80 answered by %s\n' "${answered:-(nothing)}"
 verdict "$([[ $answered =~ ^demo-web1=[0-9]+\ demo-web2=[0-9]+$ ]] && echo yes)" \
     "connections to the VIP should reach both tasks, and only them"
+
+printf '\n\033[1mthe published port 18080 (routing mesh): 20 connections each from this host and from demo-probe\033[0m\n'
+# to this host's address on demo-front: every local address but loopback answers 18080
+COUNT='import collections, socket, sys
+seen = collections.Counter()
+for _ in range(20):
+    with socket.create_connection((sys.argv[1], 18080), timeout=2) as c:
+        seen[c.recv(64).decode().strip()] += 1
+print(" ".join(f"{name}={count}" for name, count in sorted(seen.items())))'
+for who in host demo-probe; do
+    if [[ $who == host ]]; then
+        answered=$(.venv/bin/python -c "$COUNT" 10.210.0.1 || true)
+    else
+        answered=$(svcnet exec demo-probe -- python3 -c "$COUNT" 10.210.0.1 || true)
+    fi
+    printf '  %-10s -> 10.210.0.1:18080 answered by %s\n' "$who" "${answered:-(nothing)}"
+    verdict "$([[ $answered =~ ^demo-web1=[0-9]+\ demo-web2=[0-9]+$ ]] && echo yes)" \
+        "the published port should reach both tasks from $who"
+done
 
 if ((failures)); then
     printf '\n\033[31m%d demo check(s) failed\033[0m\n' "$failures"

@@ -47,6 +47,11 @@ echo "$seen"
 check "replicas reached through the VIP" 3 "$(wc -l <<<"$seen")"
 check "curl http://db/ answers" db "$(client curl -s --max-time 2 http://db/)"
 
+echo; echo "== The published port: web publishes 18088 on this host (routing mesh)"
+seen=$(for _ in $(seq 30); do curl -s --max-time 2 http://10.233.0.1:18088/; echo; done | sort | uniq -c)
+echo "$seen"
+check "replicas reached through this host's port 18088" 3 "$(grep -c . <<<"$seen")"
+
 echo; echo "== Scale web to 5"
 show docker compose up -d --scale web=5
 start=$(date +%s%N)
@@ -64,7 +69,7 @@ prefix=/svcnet-compose
 tag=$(.venv/bin/python -c "from discovery.host import firewall; print(firewall.chain_names('$prefix')[0].split('-')[-1])")
 check "svcnet bridges" 0 "$(ip -d -o link show type bridge | grep -c "svcnet:$prefix:" || true)"
 check "svcnet veths" 0 "$(ip -o link show type veth | grep -cE ': sv[0-9a-f]{10}@' || true)"
-check "svcnet chains (legacy)" 0 "$( (iptables-legacy-save; iptables-legacy-save -t nat; iptables-legacy-save -t raw) 2>/dev/null | grep -c "$tag" || true)"
+check "svcnet chains (legacy)" 0 "$( (iptables-legacy-save; iptables-legacy-save -t nat; iptables-legacy-save -t raw; iptables-legacy-save -t mangle) 2>/dev/null | grep -c "$tag" || true)"
 check "svcnet chains (nft)" 0 "$(iptables-nft-save 2>/dev/null | grep -c "$tag" || true)"
 containers=$(docker ps -aq --filter label=com.docker.compose.project=svcnet | wc -l) || containers="? (docker ps failed)"
 check "svcnet containers" 0 "$containers"

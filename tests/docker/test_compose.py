@@ -76,6 +76,10 @@ def test_curl_through_the_vip_reaches_every_replica(project):
     assert len(hostnames) == 3
     seen = Counter(in_client("curl", "-s", "--max-time", "2", "http://web/") for _ in range(40))
     assert set(seen) == hostnames, seen
+    # web publishes 18088 (routing mesh): from this host, to its address on the demo network
+    published = Counter(subprocess.run(["curl", "-s", "--max-time", "2", "http://10.233.0.1:18088/"],
+                                       capture_output=True, text=True).stdout.strip() for _ in range(40))
+    assert set(published) == hostnames, published
 
 
 def test_sidecar_serves_db_and_client_reaches_it_by_name(project):
