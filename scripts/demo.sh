@@ -48,9 +48,9 @@ check "replicas reached through the VIP" 3 "$(wc -l <<<"$seen")"
 check "curl http://db/ answers" db "$(client curl -s --max-time 2 http://db/)"
 
 echo; echo "== The published port: web publishes 18088 on this host (routing mesh)"
-seen=$(for _ in $(seq 30); do curl -s --max-time 2 http://10.233.0.1:18088/; echo; done | sort | uniq -c)
+seen=$(for _ in $(seq 30); do curl -s --max-time 2 http://10.233.0.1:18088/; done | sort | uniq -c)
 echo "$seen"
-check "replicas reached through this host's port 18088" 3 "$(grep -c . <<<"$seen")"
+check "replicas reached through this host's port 18088" 3 "$(wc -l <<<"$seen")"
 
 echo; echo "== Scale web to 5"
 show docker compose up -d --scale web=5
