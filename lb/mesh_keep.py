@@ -5,7 +5,7 @@ would route it straight out to the underlay, where nobody knows the connection. 
 task's node, in this host's netns:
 
     mangle PREROUTING -j SVCNET-KEEP-<t>
-    mangle SVCNET-KEEP-<t>: -i <bridge> -m mac --mac-source <MAC of node M's address> --ctstate NEW
+    mangle SVCNET-KEEP-<t>: -i <bridge> -m mac --mac-source <MAC of node M's address>
                                 -j CONNMARK --set-xmark <slot of M>/RETURN_MASK
                             -i <bridge> --ctstate ESTABLISHED -j CONNMARK --restore-mark (RETURN_MASK)
     ip rule  fwmark <slot>/RETURN_MASK iif <bridge> lookup <table>    (priority 3000)
@@ -57,8 +57,9 @@ def mangle_rules(prefix: str, paths: tuple[ReturnPath, ...]) -> list[dict]:
     rules = []
     mask = f"{RETURN_MASK:#x}"
     for path in paths:
+        # every packet, not only NEW: a client port reused through another node can meet the
+        # old flow's entry here (keep mode maps both to one tuple), which must follow the newest
         rules.append({"in-interface": bridge_name(prefix, path.network), "mac": {"mac-source": mac_for(path.address)},
-                      "conntrack": {"ctstate": "NEW"},
                       "target": {"CONNMARK": {"set-xmark": f"{_mark(path.slot):#x}/{mask}"}}})
     for network in sorted({p.network for p in paths}):
         rules.append({"in-interface": bridge_name(prefix, network), "conntrack": {"ctstate": "ESTABLISHED"},
