@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from discovery.state.model import Service
+from discovery.state.model import Endpoint, Node, Service
 from discovery.state.view import View
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,6 @@ class MeshPort:
     mode: str  # ingress | host
     source: str  # nat | keep
     backends: tuple[Backend, ...]
-
-    @property
-    def tag(self) -> str:
-        """Stable chain-name part: one chain per published port and protocol."""
-        return hashlib.sha1(f"{self.published}/{self.protocol}".encode()).hexdigest()[:10].upper()
 
     @property
     def signature(self) -> str:
@@ -89,15 +84,29 @@ class MeshPlan:
 
 
 def mesh_plan(view: View, node: str) -> MeshPlan:
-    """This node's published ports, their backends, and how mesh traffic leaves each network."""
+    """This node's published ports, their backends, and how mesh traffic leaves each network.
+
+    One pass over the endpoints of the networks that carry a published service, whatever the
+    number of ports (run off the event loop: the View is immutable)."""
+    publishing = sorted((s for s in view.services.values() if s.published), key=lambda s: s.name)
+    if not publishing:
+        return MeshPlan()
+    tasks = _healthy_tasks(view, {s.name for s in publishing})
     me = view.nodes.get(node)
     ports: list[MeshPort] = []
+    holders: dict[tuple[int, str], str] = {}
     used_networks: set[str] = set()
-    for service in sorted(view.services.values(), key=lambda s: s.name):
+    for service in publishing:
         for spec in service.published:
-            backends = _backends(view, node, service, spec.target, local_only=spec.mode == "host")
+            if spec.key in holders:  # written before ports were claimed: the first by name keeps it
+                log.warning("port published twice, ignored port=%s/%s service=%s held_by=%s",
+                            spec.published, spec.protocol, service.name, holders[spec.key])
+                continue
+            backends = _backends(view, node, me, service, tasks.get(service.name, {}), spec.target,
+                                 local_only=spec.mode == "host")
             if spec.mode == "host" and not backends:
                 continue  # host mode: a node without a task does not answer
+            holders[spec.key] = service.name
             used_networks.update(b.network for b in backends)
             ports.append(MeshPort(spec.published, spec.protocol, service.name, spec.mode, spec.source,
                                   tuple(sorted(backends))))
@@ -112,22 +121,33 @@ def mesh_plan(view: View, node: str) -> MeshPlan:
                 masquerades.append(Masquerade(name, own))
         else:
             masquerades.append(Masquerade(name, None))
-    return MeshPlan(tuple(sorted(ports)), tuple(masquerades), tuple(sorted(_return_paths(view, node))))
+    returns = _return_paths(view, node, publishing, tasks)
+    return MeshPlan(tuple(sorted(ports)), tuple(masquerades), tuple(sorted(returns)))
 
 
-def _return_paths(view: View, node: str) -> list[ReturnPath]:
+def _healthy_tasks(view: View, services: set[str]) -> dict[str, dict[str, list[Endpoint]]]:
+    """service -> network -> its healthy endpoints there, for ``services`` only."""
+    networks = {n for s in services for n in view.services[s].networks}
+    found: dict[str, dict[str, list[Endpoint]]] = {}
+    for name in networks:
+        piece = view.slices.get(name)
+        for endpoint in piece.endpoints.values() if piece is not None else ():
+            if endpoint.service in services and endpoint.health == "healthy":
+                found.setdefault(endpoint.service, {}).setdefault(name, []).append(endpoint)
+    return found
+
+
+def _return_paths(view: View, node: str, publishing: list[Service],
+                  tasks: dict[str, dict[str, list[Endpoint]]]) -> list[ReturnPath]:
     """Where this node sends replies of kept-source flows to its own tasks: for every overlay
     network with a local task of such a port, every other node's address there."""
     networks: set[str] = set()
-    for service in view.services.values():
+    for service in publishing:
         if any(p.mode == "ingress" and p.source == "keep" for p in service.published):
-            for network_name in service.networks:
-                piece = view.slices.get(network_name)
-                network = view.networks.get(network_name)
-                if piece is None or network is None or network.driver != "overlay":
-                    continue
-                if any(e.service == service.name and e.node == node for e in piece.endpoints.values()):
-                    networks.add(network_name)
+            for name, endpoints in tasks.get(service.name, {}).items():
+                network = view.networks.get(name)
+                if network is not None and network.driver == "overlay" and any(e.node == node for e in endpoints):
+                    networks.add(name)
     paths = []
     for name in networks:
         subnet = view.networks[name].subnet
@@ -145,21 +165,20 @@ def _return_paths(view: View, node: str) -> list[ReturnPath]:
     return paths
 
 
-def _backends(view: View, node: str, service: Service, target: int, local_only: bool) -> list[Backend]:
+def _backends(view: View, node: str, me: Node | None, service: Service, tasks: dict[str, list[Endpoint]],
+              target: int, local_only: bool) -> list[Backend]:
     """One backend per healthy task, on the first of the service's networks this node reaches it by."""
-    me = view.nodes.get(node)
     found: dict[str, Backend] = {}
     for network_name in service.networks:
         network = view.networks.get(network_name)
-        piece = view.slices.get(network_name)
-        if network is None or piece is None or network.internal:
+        if network is None or network.internal:
             continue  # an internal network is sealed from the outside, published or not
         overlay = network.driver == "overlay"
         if overlay and not local_only and (me is None or me.address_on(network_name) is None):
             # no address of our own there yet: remote tasks could not answer us; local ones can
             overlay = False
-        for endpoint in piece.endpoints.values():
-            if endpoint.service != service.name or endpoint.health != "healthy" or endpoint.container in found:
+        for endpoint in tasks.get(network_name, ()):
+            if endpoint.container in found:
                 continue
             local = endpoint.node == node
             if local or (overlay and not local_only and _reachable(view, endpoint.node)):

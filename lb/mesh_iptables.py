@@ -3,7 +3,9 @@
 Chains, per registry prefix (``<t>``: the prefix's tag; ``<p>``: a published port's):
 
     nat PREROUTING, OUTPUT -j SVCNET-MESH-<t>
-    nat SVCNET-MESH-<t>:  ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -p tcp --dport P -j SVCNET-P<t>-<p>
+    nat SVCNET-MESH-<t>:  -d 127.0.0.0/8 -j RETURN; -m addrtype ! --dst-type LOCAL -j RETURN (one
+                          route lookup per new connection, not one per port), then
+                          -p tcp --dport P -j SVCNET-P<t>-<P><T|U>
     nat SVCNET-P<t>-<p>:  mark for masquerade (every connection, or with source=keep only those from
                           a sandbox or this host, which could not get replies otherwise)
                           then DNAT task:T, spread with -m statistic (as the VIP chains)
@@ -11,8 +13,9 @@ Chains, per registry prefix (``<t>``: the prefix's tag; ``<p>``: a published por
     nat SVCNET-MPOST-<t>: -o <bridge> -m mark --mark M/M -j SNAT --to-source <this node's address>
                           (MASQUERADE on a bridge network: its tasks are all local)
 
-Every chain is converged rule by rule against the kernel: a port whose backends did not change
-keeps its chain untouched, and a restarted agent writes nothing. A port without a healthy task
+Every chain is converged rule by rule against the kernel at the first sync (a restarted agent
+writes nothing); after that, chains whose rules are what this process last wrote are not read
+back, so a change costs the ports it touches. A port without a healthy task
 keeps its dispatch rule and no DNAT: the connection reaches this host's own port (closed: refused).
 """
 
@@ -46,13 +49,18 @@ def chain_names(prefix: str) -> tuple[str, str, str]:
 
 
 def port_chain(prefix: str, port: MeshPort) -> str:
-    return chain_names(prefix)[2] + port.tag[:8]
+    """``SVCNET-P<t>-8080T``: one name per port and protocol, no hash to collide."""
+    return f"{chain_names(prefix)[2]}{port.published}{port.protocol[0].upper()}"
 
 
 def dispatch_rules(prefix: str, plan: MeshPlan) -> list[dict]:
-    return [{"dst": "!127.0.0.0/8", "addrtype": {"dst-type": "LOCAL"}, "protocol": port.protocol,
-             port.protocol: {"dport": str(port.published)}, "target": port_chain(prefix, port)}
-            for port in plan.ports]
+    if not plan.ports:
+        return []
+    rules: list[dict] = [{"dst": "127.0.0.0/8", "target": "RETURN"},
+                         {"addrtype": {"dst-type": "!LOCAL"}, "target": "RETURN"}]
+    rules += [{"protocol": port.protocol, port.protocol: {"dport": str(port.published)},
+               "target": port_chain(prefix, port)} for port in plan.ports]
+    return rules
 
 
 def port_rules(port: MeshPort) -> list[dict]:
@@ -82,6 +90,24 @@ def postrouting_rules(prefix: str, plan: MeshPlan) -> list[dict]:
     return rules
 
 
+# prefix -> chain -> the rules this process last wrote there (None: read the kernel first)
+_written: dict[str, dict[str, list[dict]]] = {}
+
+
+def forget(prefix: str) -> None:
+    """After a failed sync: compare with the kernel again next time."""
+    _written.pop(prefix, None)
+
+
+def _converge(nat: iptc.Table, prefix: str, chain: str, rules: list[dict]) -> int:
+    known = _written.setdefault(prefix, {})
+    if known.get(chain) == rules:
+        return 0
+    changed = converge_chain(nat, chain, rules)
+    known[chain] = rules
+    return int(changed)
+
+
 def sync(prefix: str, plan: MeshPlan) -> int:
     """Converge this netns's mesh chains to ``plan``; returns how many chains were written."""
     dispatch, post, port_prefix = chain_names(prefix)
@@ -89,22 +115,31 @@ def sync(prefix: str, plan: MeshPlan) -> int:
     with LOCK:
         nat = fresh_table("nat")
         try:
+            first = prefix not in _written
             wanted = {port_chain(prefix, port): port_rules(port) for port in plan.ports}
             for name, rules in wanted.items():
-                written += converge_chain(nat, name, rules)
-            written += converge_chain(nat, dispatch, dispatch_rules(prefix, plan))
-            written += converge_chain(nat, post, postrouting_rules(prefix, plan))
-            for parent, child in (("PREROUTING", dispatch), ("OUTPUT", dispatch), ("POSTROUTING", post)):
-                if {"target": child} not in dump(iptc.Chain(nat, parent)):
-                    iptc.Chain(nat, parent).insert_rule(easy.encode_iptc_rule({"target": child}))
-                    written += 1
-            for chain in list(nat.chains):  # ports no longer published (their dispatch rule went above)
-                if chain.name.startswith(port_prefix) and chain.name not in wanted:
-                    chain.flush()
-                    nat.delete_chain(chain.name)
-                    written += 1
+                written += _converge(nat, prefix, name, rules)
+            written += _converge(nat, prefix, dispatch, dispatch_rules(prefix, plan))
+            written += _converge(nat, prefix, post, postrouting_rules(prefix, plan))
+            if first or written:
+                for parent, child in (("PREROUTING", dispatch), ("OUTPUT", dispatch), ("POSTROUTING", post)):
+                    if {"target": child} not in dump(iptc.Chain(nat, parent)):
+                        iptc.Chain(nat, parent).insert_rule(easy.encode_iptc_rule({"target": child}))
+                        written += 1
+            known = _written[prefix]
+            stale = [c.name for c in nat.chains] if first else list(known)
+            for name in stale:  # ports no longer published (their dispatch rule went above)
+                if name.startswith(port_prefix) and name not in wanted:
+                    if nat.is_chain(name):
+                        iptc.Chain(nat, name).flush()
+                        nat.delete_chain(name)
+                        written += 1
+                    known.pop(name, None)
             if written:
                 nat.commit()
+        except Exception:
+            forget(prefix)
+            raise
         finally:
             release(nat)
     if written:
@@ -112,7 +147,28 @@ def sync(prefix: str, plan: MeshPlan) -> int:
     return written
 
 
-def remove(prefix: str) -> None:
+def sync_postrouting(prefix: str, plan: MeshPlan) -> int:
+    """Only the SNAT chain (the IPVS mesh marks and forwards itself); returns chains written."""
+    post = chain_names(prefix)[1]
+    written = 0
+    with LOCK:
+        nat = fresh_table("nat")
+        try:
+            written += converge_chain(nat, post, postrouting_rules(prefix, plan))
+            if {"target": post} not in dump(iptc.Chain(nat, "POSTROUTING")):
+                iptc.Chain(nat, "POSTROUTING").insert_rule(easy.encode_iptc_rule({"target": post}))
+                written += 1
+            if written:
+                nat.commit()
+        finally:
+            release(nat)
+    return written
+
+
+def remove(prefix: str, keep_postrouting: bool = False) -> None:
+    """Take the mesh's nat chains out; ``keep_postrouting`` for a switch to the IPVS mesh,
+    which shares the SNAT chain."""
+    forget(prefix)
     dispatch, post, port_prefix = chain_names(prefix)
     with LOCK:
         nat = fresh_table("nat")
@@ -120,7 +176,8 @@ def remove(prefix: str) -> None:
             if nat.is_chain(dispatch):
                 unjump(nat, "OUTPUT", dispatch)
                 drop_chain(nat, "PREROUTING", dispatch)
-            drop_chain(nat, "POSTROUTING", post)
+            if not keep_postrouting:
+                drop_chain(nat, "POSTROUTING", post)
             for chain in list(nat.chains):
                 if chain.name.startswith(port_prefix):
                     chain.flush()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-from pathlib import Path
 
 import iptc
 from iptc import easy
@@ -35,7 +34,7 @@ from discovery.host import netlink
 from discovery.host.firewall import RETURN_MASK
 from discovery.host.netlink import bridge_name
 from discovery.host.overlay import mac_for
-from discovery.host.xtables import LOCK, converge_chain, drop_chain, dump, fresh_table, release
+from discovery.host.xtables import LOCK, converge_chain, drop_chain, dump, fresh_table, release, table_in_use
 
 from .mesh import ReturnPath
 
@@ -71,7 +70,7 @@ def sync(prefix: str, paths: tuple[ReturnPath, ...]) -> int:
     """Converge the mangle chain, the ip rules and their tables to ``paths``; returns changes made."""
     changed = 0
     chain = chain_name(prefix)
-    if not paths and not _table_in_use("mangle"):
+    if not paths and not table_in_use("mangle"):
         return _sync_routes(prefix, paths)  # never instantiate mangle for nothing: every packet would pay
     with LOCK:
         mangle = fresh_table("mangle")
@@ -130,16 +129,10 @@ def _sync_routes(prefix: str, paths: tuple[ReturnPath, ...]) -> int:
     return changes
 
 
-def _table_in_use(name: str) -> bool:
-    """Is the legacy table instantiated in this thread's netns? Asking libiptc would create it."""
-    try:
-        return name in Path("/proc/thread-self/net/ip_tables_names").read_text().split()
-    except OSError:
-        return True
 
 def remove(prefix: str) -> None:
     sync(prefix, ())
-    if not _table_in_use("mangle"):
+    if not table_in_use("mangle"):
         return
     with LOCK:
         mangle = fresh_table("mangle")

@@ -231,8 +231,9 @@ def sweep(run_id: str, prefix: str, state_dir: Path | None = None) -> None:
     for bridge in netlink.list_bridges(prefix).values():
         netlink.remove_link(bridge.ifname)
     firewall.remove(prefix)
-    from lb import mesh_iptables, mesh_keep
+    from lb import mesh_iptables, mesh_ipvs, mesh_keep
     mesh_iptables.remove(prefix)
+    mesh_ipvs.remove(prefix)
     mesh_keep.remove(prefix)
 
 

@@ -42,14 +42,18 @@ def chain_name(forward_chain: str) -> str:
 
 def rules(prefix: str, networks: Iterable[Network]) -> list[str]:
     """The chain's rules, as ``iptables -S`` prints them."""
-    lines = ["-m conntrack --ctstate DNAT -j ACCEPT"]  # the routing mesh
-    for network in sorted(networks, key=lambda n: n.name):
-        bridge = bridge_name(prefix, network.name)
-        lines.append(f"-i {bridge} -o {bridge} -j ACCEPT")
+    lines = []
+    networks = sorted(networks, key=lambda n: n.name)
+    for network in networks:  # sealed first: nothing, not even the mesh, crosses these
         if network.internal:
+            bridge = bridge_name(prefix, network.name)
             lines.append(f"-i {bridge} ! -o {bridge} -j DROP")
             lines.append(f"! -i {bridge} -o {bridge} -j DROP")
-        else:
+    lines.append("-m conntrack --ctstate DNAT -j ACCEPT")  # the routing mesh
+    for network in networks:
+        bridge = bridge_name(prefix, network.name)
+        lines.append(f"-i {bridge} -o {bridge} -j ACCEPT")
+        if not network.internal:
             lines.append(f"-i {bridge} ! -o {BRIDGE_WILDCARD} -j ACCEPT")
             lines.append(f"-o {bridge} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
     lines.append(f"-i {BRIDGE_WILDCARD} -o {BRIDGE_WILDCARD} -j DROP")

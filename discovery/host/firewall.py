@@ -67,17 +67,21 @@ def raw_rules(prefix: str, networks: Iterable[Network], vxlan_port: int | None) 
 
 
 def forward_rules(prefix: str, networks: Iterable[Network]) -> list[dict]:
+    rules: list[dict] = []
+    networks = sorted(networks, key=lambda n: n.name)
+    for network in networks:  # sealed first: nothing, not even the mesh, crosses these
+        if network.internal:
+            bridge = bridge_name(prefix, network.name)
+            rules.append({"in-interface": bridge, "out-interface": f"!{bridge}", "target": "DROP"})
+            rules.append({"in-interface": f"!{bridge}", "out-interface": bridge, "target": "DROP"})
     # The routing mesh's connections (DNATed by this host to a published port's task), both ways.
-    rules: list[dict] = [{"conntrack": {"ctstate": "DNAT"}, "target": "ACCEPT"}]
-    for network in sorted(networks, key=lambda n: n.name):
+    rules.append({"conntrack": {"ctstate": "DNAT"}, "target": "ACCEPT"})
+    for network in networks:
         bridge = bridge_name(prefix, network.name)
         # With net.bridge.bridge-nf-call-iptables=1 (global; the per-bridge switch cannot
         # turn it off) bridged packets pass FORWARD as bridge -> same bridge: let them by.
         rules.append({"in-interface": bridge, "out-interface": bridge, "target": "ACCEPT"})
-        if network.internal:
-            rules.append({"in-interface": bridge, "out-interface": f"!{bridge}", "target": "DROP"})
-            rules.append({"in-interface": f"!{bridge}", "out-interface": bridge, "target": "DROP"})
-        elif network.driver == "overlay":
+        if not network.internal and network.driver == "overlay":
             # from the underlay only what is published (DNAT, above) and replies get in
             rules.append({"in-interface": f"!{BRIDGE_WILDCARD}", "out-interface": bridge,
                           "conntrack": {"ctstate": "NEW,INVALID"}, "target": "DROP"})

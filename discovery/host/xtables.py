@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 
 import iptc
 from iptc import easy
 
 LOCK = threading.RLock()
+
+
+def table_in_use(name: str) -> bool:
+    """Is the legacy table instantiated in this thread's netns? Asking libiptc would create it,
+    and then every packet passes its (empty) chains."""
+    try:
+        return name in Path("/proc/thread-self/net/ip_tables_names").read_text().split()
+    except OSError:
+        return True
 
 
 def fresh_table(name: str) -> iptc.Table:

@@ -43,7 +43,9 @@ class HostSync:
         self._dirty = asyncio.Event()
         self._applied: dict = {}
         self._peers_applied: dict = {}  # overlay network -> the peers its VXLAN device holds
-        self._mesh_applied: MeshPlan | None = None
+        self._mesh_applied: MeshPlan | None = None  # None: converge with the kernel next time
+        self._mesh_last: MeshPlan | None = None  # what the last successful sync applied (for UDP cleanup)
+        self.mesh_backend = "iptables"  # the agent's load-balancer backend, once it is loaded
         self.syncs = 0
         self.last_duration = 0.0
         self._docker_due = False
@@ -67,7 +69,8 @@ class HostSync:
             self._dirty.clear()
             view = self._latest
             peers = self.desired_peers(view) if view is not None else {}
-            mesh = mesh_plan(view, self.node) if view is not None else None
+            # off the loop: a pass over the published services' endpoints
+            mesh = await asyncio.to_thread(mesh_plan, view, self.node) if view is not None else None
             if view is None or (dict(view.networks) == self._applied and peers == self._peers_applied
                                 and mesh == self._mesh_applied):
                 if self._docker_due and self._applied:
@@ -95,9 +98,10 @@ class HostSync:
         for bridge in netlink.list_bridges(self.prefix).values():
             netlink.remove_link(bridge.ifname)
         firewall.remove(self.prefix)
-        from lb import mesh_iptables, mesh_keep
+        from lb import mesh_iptables, mesh_ipvs, mesh_keep
 
         mesh_iptables.remove(self.prefix)
+        mesh_ipvs.remove(self.prefix)
         mesh_keep.remove(self.prefix)
 
     def desired_peers(self, view: View) -> dict:
@@ -135,14 +139,22 @@ class HostSync:
             self._apply_mesh(mesh)
 
     def _apply_mesh(self, mesh: MeshPlan) -> None:
-        from lb import mesh_iptables, mesh_keep
+        from lb import mesh_iptables, mesh_ipvs, mesh_keep
         from lb.conntrack import forget_mesh_udp_flows
 
-        before = self._mesh_applied.by_key() if self._mesh_applied is not None else {}
+        before = self._mesh_last.by_key() if self._mesh_last is not None else {}
+        first = self._mesh_applied is None and self._mesh_last is None
         self._mesh_applied = None  # until it is in: a failure makes the next sync converge again
-        mesh_iptables.sync(self.prefix, mesh)
+        if self.mesh_backend == "ipvs":
+            if first:  # the agent ran with the iptables backend before: its DNAT would come first
+                mesh_iptables.remove(self.prefix, keep_postrouting=True)
+            mesh_ipvs.sync(self.prefix, mesh)
+        else:
+            if first:
+                mesh_ipvs.remove(self.prefix)
+            mesh_iptables.sync(self.prefix, mesh)
         mesh_keep.sync(self.prefix, mesh.returns)
-        self._mesh_applied = mesh
+        self._mesh_applied = self._mesh_last = mesh
         now = mesh.by_key()
         lost: dict[int, set] = {}
         for (port, protocol), old in before.items():
@@ -244,10 +256,12 @@ class AgentSandboxes:
         self.host_sync = HostSync(options.prefix, options.node, self.advertise_addr, options.vxlan_port)
         self._addresses_due = asyncio.Event()
         self._view: View | None = None
+        self._claimed: dict = {}  # overlay network -> the Network our address was (re)claimed for
 
     def attach(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
         runtime.sandboxes.underlay = self.advertise_addr  # overlay veths take its MTU minus 50
+        self.host_sync.mesh_backend = runtime.lb.backend.name
         runtime.watcher.subscribe(self.host_sync.on_view)
         runtime.watcher.subscribe(self._on_view)
         runtime.tasks.append(self.host_sync.run)
@@ -289,14 +303,20 @@ class AgentSandboxes:
             node = view.nodes.get(node_name) if view is not None else None
             if view is None or node is None or self.advertise_addr is None:
                 continue
-            overlays = sorted(n for n, net in view.networks.items() if net.driver == "overlay")
+            overlays = {n: net for n, net in view.networks.items() if net.driver == "overlay"}
             held = dict(node.addresses)
-            if sorted(held) == overlays:
+            # each held address still inside its network as it is now (a network removed and
+            # made again has lost our claim with it: claim again, which returns a live claim)
+            if sorted(held) == sorted(overlays) and all(held[n] in overlays[n].subnet and
+                                                        self._claimed.get(n) == overlays[n] for n in held):
                 continue
             try:
-                wanted = {net: held.get(net) or await self.runtime.registry.claim_node_address(node_name, net)
-                          for net in overlays}
-                await self.runtime.registry.set_node_addresses(node_name, wanted.items())
+                wanted = {}
+                for net in sorted(overlays):
+                    wanted[net] = await self.runtime.registry.claim_node_address(node_name, net)
+                    self._claimed[net] = overlays[net]
+                if wanted != held:
+                    await self.runtime.registry.set_node_addresses(node_name, wanted.items())
                 log.info("node addresses set node=%s addresses=%s", node_name,
                          ",".join(f"{n}={a}" for n, a in sorted(wanted.items())) or "-")
             except Exception as exc:  # etcd away, or the network went meanwhile: the next View retries

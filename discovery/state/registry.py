@@ -275,7 +275,12 @@ class Registry:
                 f"service {name!r} still has tasks ({', '.join(tasks)}); remove them with 'svcnet rm' first"
             )
         deletes = [self.txn.delete(self.keys.service(name))]
-        deletes += [self.txn.delete(self.keys.port_claim(p.protocol, p.published)) for p in service.published]
+        for port in service.published:  # only claims it holds (a service older than claims may not)
+            key = self.keys.port_claim(port.protocol, port.published)
+            held = await self.client.get(key)
+            claim = Claim.decode(held.value) if held is not None else None
+            if claim is not None and claim.kind == "service" and claim.owner == name:
+                deletes.append(self.txn.delete(key))
         for net_name in service.networks:
             claims = await self._read_claims(net_name)
             holder = Claim("service", name, "name")
@@ -293,6 +298,7 @@ class Registry:
 
     async def update_ports(self, name: str, add: Sequence[PortSpec], remove: Sequence[tuple[int, str]]) -> Service:
         """Publish ``add`` and withdraw ``remove`` ((port, protocol)) on a live service, in one transaction."""
+        remove = list(dict.fromkeys(remove))  # `--publish-rm 80 --publish-rm 80/tcp` is one port
         for _ in range(MAX_ATTEMPTS):
             got = await self.client.get(self.keys.service(name.lower()))
             if got is None:

@@ -12,6 +12,7 @@ with a chi-square test in test_lb.py and test_lb_backend.py.
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 import subprocess
@@ -207,3 +208,55 @@ def test_a_removed_task_leaves_the_vip(node):
     assert wait(both_serve, 10), f"the two tasks left serve: {seen}\n{node.diagnosis()}"
     assert gone not in seen, f"a removed task got a new connection: {seen}"
     assert metric_value(node.cli.metrics(), "svcnet_lb_services_written_total") >= 3
+
+
+def test_a_published_port_answers_on_this_host_and_follows_its_tasks(node):
+    """The routing mesh on one node, with the agent's backend (IPVS fwmark services in the
+    VM lane, DNAT chains here): this host's address on the network, from the host itself and
+    from a sandbox (hairpin), TCP and UDP; a removed task leaves at once."""
+    from lb.mesh import Backend, MeshPort
+    from lb.mesh_ipvs import fwmark
+
+    node.cli.run("service", "create", "pub", "--network", node.net, "--publish", "18080:8080",
+                 "--publish", "18081:8080/udp")
+    tasks = {}
+    for index in (1, 2):
+        name = node.cli.name(f"p{index}")
+        record = node.api.call("POST", "/v1/sandboxes", {
+            "name": name, "networks": [node.net], "service": "pub", "detach": True,
+            "command": [sys.executable, TASK_SERVER, name, str(PORT)]})
+        tasks[name] = record["endpoints"][0]["ipv4"]
+    gateway = f"{SUBNET}.1"  # an address of this host
+
+    def names(inside: str | None, count: int, kind: int = socket.SOCK_STREAM) -> set[str]:
+        seen = set()
+        for _ in range(count):
+            sock = node.socket(kind) if inside else socket.socket(socket.AF_INET, kind)
+            sock.settimeout(2 * time_scale())
+            try:
+                if kind == socket.SOCK_STREAM:
+                    sock.connect((gateway, 18080))
+                    seen.add(sock.recv(64).split(b"\n")[0].decode())
+                else:
+                    sock.sendto(b"x", (gateway, 18081))
+                    seen.add(sock.recv(64).decode().strip())
+            except OSError:
+                pass
+            finally:
+                sock.close()
+        return seen
+
+    assert wait(lambda: names(None, 12) == set(tasks), 20 * time_scale()), node.diagnosis()
+    assert names("client", 12) == set(tasks), "hairpin: a sandbox through this host's port"
+    assert names(None, 12, socket.SOCK_DGRAM) == set(tasks), "UDP"
+    here = f"/proc/{os.getpid()}/ns/net"
+    if node.backend == "ipvs":
+        tcp = fwmark(MeshPort(18080, "tcp", "pub", "ingress", "nat", (Backend(IPv4Address(gateway), 8080, ""),)))
+        assert set(ipvs_table(here).get(tcp, {})) == set(tasks.values()), ipvs_table(here)
+    else:
+        assert all(f"--to-destination {a}:8080" in nat_rules(here) for a in tasks.values())
+    gone = sorted(tasks)[1]
+    node.api.call("DELETE", f"/v1/sandboxes/{gone}")
+    assert wait(lambda: names(None, 10) == {sorted(tasks)[0]}, 10 * time_scale()), "a removed task leaves"
+    node.api.call("DELETE", f"/v1/sandboxes/{sorted(tasks)[0]}")
+    node.cli.run("service", "rm", "pub")

@@ -134,7 +134,7 @@ def test_stopping_etcd_keeps_the_view_and_restarting_resumes(own_etcd, prefix):
         assert not watcher.connected
         assert "kept" in watcher.view.networks  # the last View is still served
         await asyncio.to_thread(own_etcd.start)
-        writer = await connect(own_etcd.url)
+        writer = await connect(own_etcd.url, timeout=15)  # gRPC may still be backing off from the outage
         await writer.put(keys.network("after"), _network("after", 3))
         view = await watcher.wait_for(lambda v: "after" in v.networks, timeout=15)
         assert "kept" in view.networks
