@@ -183,6 +183,24 @@ def test_an_agent_restart_leaves_the_rules_byte_identical(cluster):
     assert set(tcp(cluster, "h3", 8080, 10)) == {"w1", "w2"}
 
 
+def test_an_unhealthy_task_gets_no_new_connection_within_1s(cluster):
+    flag = f"{cluster.env['SVCNET_CLUSTER_DIR']}/w3-healthy"
+    open(flag, "w").close()
+    cluster.svcnet("h3", "run", "-d", "--name", "w3", "--network", "mesh", "--service", "web",
+                   "--health-cmd", f"test -e {flag}", "--health-interval", "0.5", "--health-retries", "1",
+                   "--", "python3", TASK_SERVER, "w3", "8080")
+    assert wait(lambda: "w3" in tcp(cluster, "h1", 8080, 12), 15), "healthy: in the mesh"
+
+    def health() -> str:
+        return next(r for r in json.loads(cluster.svcnet("h3", "ps", "--format", "json")) if r["name"] == "w3")["health"]
+    os.remove(flag)
+    assert wait(lambda: health() == "unhealthy", 10)
+    time.sleep(1)
+    for host in HOSTS:
+        seen = tcp(cluster, host, 8080, 30)
+        assert "w3" not in seen and set(seen) == {"w1", "w2"}, (host, seen)
+
+
 STICKY_FLOW = """
 import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one socket: one conntrack flow throughout
