@@ -29,7 +29,16 @@ from iptc import easy
 
 from discovery.host.firewall import MESH_MARK
 from discovery.host.netlink import bridge_name
-from discovery.host.xtables import LOCK, converge_chain, drop_chain, dump, fresh_table, release, unjump
+from discovery.host.xtables import (
+    LOCK,
+    converge_chain,
+    converge_jumped,
+    drop_chain,
+    dump,
+    fresh_table,
+    release,
+    unjump,
+)
 
 from .mesh import MeshPlan, MeshPort
 
@@ -154,10 +163,7 @@ def sync_postrouting(prefix: str, plan: MeshPlan) -> int:
     with LOCK:
         nat = fresh_table("nat")
         try:
-            written += converge_chain(nat, post, postrouting_rules(prefix, plan))
-            if {"target": post} not in dump(iptc.Chain(nat, "POSTROUTING")):
-                iptc.Chain(nat, "POSTROUTING").insert_rule(easy.encode_iptc_rule({"target": post}))
-                written += 1
+            written = int(converge_jumped(nat, post, postrouting_rules(prefix, plan), ("POSTROUTING",)))
             if written:
                 nat.commit()
         finally:

@@ -29,7 +29,7 @@ import iptc
 from iptc import easy
 
 from discovery.host.firewall import MESH_MARK
-from discovery.host.xtables import LOCK, converge_chain, drop_chain, dump, fresh_table, release, table_in_use, unjump
+from discovery.host.xtables import LOCK, converge_jumped, drop_chain, fresh_table, release, table_in_use, unjump
 
 from . import mesh_iptables
 from .mesh import MeshPlan, MeshPort
@@ -114,12 +114,7 @@ def sync(prefix: str, plan: MeshPlan) -> int:
                         changes += 1
             finally:
                 ipvs.close()
-            marked = converge_chain(mangle, chain, mark_rules(plan))
-            for parent in ("PREROUTING", "OUTPUT"):
-                if {"target": chain} not in dump(iptc.Chain(mangle, parent)):
-                    iptc.Chain(mangle, parent).insert_rule(easy.encode_iptc_rule({"target": chain}))
-                    marked = True
-            if marked:
+            if converge_jumped(mangle, chain, mark_rules(plan), ("PREROUTING", "OUTPUT")):
                 mangle.commit()
                 changes += 1
         finally:

@@ -26,15 +26,13 @@ import errno
 import hashlib
 import logging
 
-import iptc
-from iptc import easy
 from pyroute2 import IPRoute, NetlinkError
 
 from discovery.host import netlink
 from discovery.host.firewall import RETURN_MASK
-from discovery.host.netlink import bridge_name
+from discovery.host.netlink import bridge_name, ignore_missing
 from discovery.host.overlay import mac_for
-from discovery.host.xtables import LOCK, converge_chain, drop_chain, dump, fresh_table, release, table_in_use
+from discovery.host.xtables import LOCK, converge_jumped, drop_chain, fresh_table, release, table_in_use
 
 from .mesh import ReturnPath
 
@@ -75,10 +73,7 @@ def sync(prefix: str, paths: tuple[ReturnPath, ...]) -> int:
     with LOCK:
         mangle = fresh_table("mangle")
         try:
-            changed += converge_chain(mangle, chain, mangle_rules(prefix, paths))
-            if paths and {"target": chain} not in dump(iptc.Chain(mangle, "PREROUTING")):
-                iptc.Chain(mangle, "PREROUTING").insert_rule(easy.encode_iptc_rule({"target": chain}))
-                changed += 1
+            changed += converge_jumped(mangle, chain, mangle_rules(prefix, paths), ("PREROUTING",) if paths else ())
             if changed:
                 mangle.commit()
         finally:
@@ -106,9 +101,9 @@ def _sync_routes(prefix: str, paths: tuple[ReturnPath, ...]) -> int:
         for key in present:
             table, mark, bridge = key
             if bridge in owned_bridges and not any(w[:3] == key for w in wanted):
-                _quiet(ipr.rule, "del", family=2, priority=RULE_PRIORITY, table=table, fwmark=mark,
+                ignore_missing(ipr.rule, "del", family=2, priority=RULE_PRIORITY, table=table, fwmark=mark,
                        fwmask=RETURN_MASK, iifname=bridge)
-                _quiet(ipr.route, "del", table=table, dst="0.0.0.0/0")
+                ignore_missing(ipr.route, "del", table=table, dst="0.0.0.0/0")
                 changes += 1
         for table, mark, bridge, gateway in sorted(wanted):
             index = ipr.link_lookup(ifname=bridge)
@@ -143,9 +138,3 @@ def remove(prefix: str) -> None:
             release(mangle)
 
 
-def _quiet(call, *args, **kwargs) -> None:
-    try:
-        call(*args, **kwargs)
-    except NetlinkError as exc:
-        if exc.code not in (errno.ENOENT, errno.ESRCH):
-            raise

@@ -14,13 +14,10 @@ import hashlib
 import logging
 from collections.abc import Iterable
 
-import iptc
-from iptc import easy
-
 from discovery.state.model import Network
 
 from .netlink import bridge_name
-from .xtables import LOCK, converge_chain, drop_chain, dump, fresh_table, release, unjump
+from .xtables import LOCK, converge_jumped, drop_chain, fresh_table, release, unjump
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +103,7 @@ def _sync_chain(table_name: str, parents: tuple[str, ...], chain_name: str, rule
     Everything happens on one table handle and lands in one commit.
     """
     table = fresh_table(table_name)
-    changed = converge_chain(table, chain_name, rules)
-    for parent in parents:
-        parent_chain = iptc.Chain(table, parent)
-        if {"target": chain_name} not in dump(parent_chain):
-            parent_chain.insert_rule(easy.encode_iptc_rule({"target": chain_name}))
-            changed = True
+    changed = converge_jumped(table, chain_name, rules, parents)
     if changed:
         table.commit()
     release(table)

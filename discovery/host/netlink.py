@@ -137,6 +137,15 @@ def ensure_bridge(prefix: str, network: Network) -> str:
     return name
 
 
+def ignore_missing(call, *args, **kwargs) -> None:
+    """``call(...)``, where an entry already gone (ENOENT, ESRCH) is what we wanted anyway."""
+    try:
+        call(*args, **kwargs)
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENOENT, errno.ESRCH):
+            raise
+
+
 def remove_link(ifname: str) -> None:
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=ifname)

@@ -25,6 +25,8 @@ from pyroute2 import IPRoute, NetlinkError
 
 from discovery.state.model import Network
 
+from .netlink import ignore_missing
+
 log = logging.getLogger(__name__)
 
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
@@ -121,7 +123,7 @@ def ensure_node_address(bridge: str, address: IPv4Address, subnet) -> bool:
         present = {a.get("IFA_ADDRESS"): a["prefixlen"] for a in ipr.get_addr(index=index, family=2)}
         for other, prefixlen in present.items():
             if prefixlen == 32 and other != str(address) and IPv4Address(other) in subnet:
-                _quiet(ipr.addr, "del", index=index, address=other, prefixlen=32)
+                ignore_missing(ipr.addr, "del", index=index, address=other, prefixlen=32)
                 changed = True
         if present.get(str(address)) != 32:
             try:
@@ -162,21 +164,13 @@ def sync_peers(ifname: str, peers: set[Peer]) -> tuple[int, int]:
         wanted_fdb = {(p.mac, p.vtep) for p in peers}
         wanted_neigh = {(p.ipv4, p.mac) for p in peers}
         for mac, dst in set(fdb) - wanted_fdb:
-            _quiet(ipr.fdb, "del", ifindex=index, lladdr=mac, dst=dst)
+            ignore_missing(ipr.fdb, "del", ifindex=index, lladdr=mac, dst=dst)
             removed += 1
         for ip, mac in set(neighbours) - wanted_neigh:
-            _quiet(ipr.neigh, "del", dst=ip, lladdr=mac, ifindex=index)
+            ignore_missing(ipr.neigh, "del", dst=ip, lladdr=mac, ifindex=index)
         for mac, dst in wanted_fdb - set(fdb):
             ipr.fdb("append", ifindex=index, lladdr=mac, dst=dst, state=NUD_PERMANENT, flags=NTF_SELF)
             added += 1
         for ip, mac in wanted_neigh - set(neighbours):
             ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=index, state=NUD_PERMANENT)
     return added, removed
-
-
-def _quiet(call, *args, **kwargs) -> None:
-    try:
-        call(*args, **kwargs)
-    except NetlinkError as exc:
-        if exc.code not in (errno.ENOENT, errno.ESRCH):
-            raise

@@ -103,6 +103,17 @@ def converge_chain(table: iptc.Table, chain_name: str, rules: list[dict]) -> boo
     return changed
 
 
+def converge_jumped(table: iptc.Table, chain_name: str, rules: list[dict], parents: tuple[str, ...]) -> bool:
+    """``converge_chain``, and a jump to the chain at the top of each of ``parents``."""
+    changed = converge_chain(table, chain_name, rules)
+    for parent in parents:
+        parent_chain = iptc.Chain(table, parent)
+        if {"target": chain_name} not in dump(parent_chain):
+            parent_chain.insert_rule(easy.encode_iptc_rule({"target": chain_name}))
+            changed = True
+    return changed
+
+
 def delete_rules(chain: iptc.Chain, rules: Iterable[dict]) -> None:
     """Delete by content (libiptc matches the whole entry): no walk over the chain."""
     for rule in rules:
