@@ -497,6 +497,8 @@ def cmd_node_inspect(args) -> int:
         return 0
     for key in ("name", "status", "advertise_addr", "vtep", "version", "started_at"):
         print(f"{key + ':':16} {row[key]}")
+    addresses = ",".join(f"{net}={ip}" for net, ip in sorted((row.get("addresses") or {}).items()))
+    print(f"{'addresses:':16} {addresses or '-'}   (its own address on each overlay network)")
     print("endpoints:")
     for endpoint in row["endpoints"]:
         print(f"  {endpoint}")
