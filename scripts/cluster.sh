@@ -90,11 +90,9 @@ spawn() {  # spawn HOST NAME CMD...: run in HOST's netns in the background, pid 
 }
 
 ours() {  # ours HOST NAME: the pid of that process if it still runs (and is what we started)
-    local pid stat cmdline
+    local pid cmdline
     pid=$(cat "$DIR/$1/$2.pid" 2>/dev/null) || return 1
-    [[ -n $pid ]] && stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [[ ${stat%% *} != Z ]] || return 1  # exited, not yet reaped
+    [[ -n $pid ]] && alive "$pid" || return 1
     # empty while the process is between nsenter, env and python (execve): still ours
     cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)
     [[ -z $cmdline || $cmdline == *"$DIR/$1"* ]] || return 1
@@ -124,17 +122,27 @@ start_agent() {
         --metrics-addr 127.0.0.1:9253
 }
 
+alive() {  # alive PID: running (a zombie is not)
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} != Z ]]
+}
+
 wait_ready() {  # wait_ready HOST: its agent answers and says ready
-    local host=$1
+    local host=$1 pid
+    pid=$(cat "$DIR/$host/agent.pid")  # just written by spawn: no reuse to guard against
     for _ in $(seq 300); do
         if "$PYTHON" - "$DIR/$host/state/agent.sock" <<'EOF' 2>/dev/null; then return 0; fi
 import sys
 from discovery.node.client import ApiClient
 sys.exit(0 if ApiClient(sys.argv[1]).call("GET", "/v1/info")["ready"] else 1)
 EOF
-        if ! ours "$host" agent >/dev/null; then
+        if ! alive "$pid"; then
+            local code=unknown
+            wait "$pid" 2>/dev/null && code=0 || code=$?  # our child when we just spawned it
             tail -n 15 "$DIR/$host/agent.log" >&2
-            die "the agent of $host exited; the end of its log is above ($DIR/$host/agent.log)"
+            die "the agent of $host (pid $pid) exited with status $code; the end of its log is above ($DIR/$host/agent.log)"
         fi
         sleep 0.1
     done

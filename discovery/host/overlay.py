@@ -18,6 +18,8 @@ import errno
 import functools
 import hashlib
 import logging
+import socket
+import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
@@ -117,10 +119,15 @@ def ensure_node_address(bridge: str, address: IPv4Address, subnet) -> bool:
             return False
         index = found[0]
         mac = mac_for(address)
-        if ipr.get_links(index)[0].get("IFLA_ADDRESS") != mac:
+        moved = ipr.get_links(index)[0].get("IFLA_ADDRESS") != mac
+        if moved:
             ipr.link("set", index=index, address=mac)
             changed = True
         present = {a.get("IFA_ADDRESS"): a["prefixlen"] for a in ipr.get_addr(index=index, family=2)}
+        if moved:  # sandboxes already attached learn the gateway's new MAC now, not in seconds
+            for gateway in present:
+                if IPv4Address(gateway) in subnet:
+                    announce(index, gateway, mac)
         for other, prefixlen in present.items():
             if prefixlen == 32 and other != str(address) and IPv4Address(other) in subnet:
                 ignore_missing(ipr.addr, "del", index=index, address=other, prefixlen=32)
@@ -135,6 +142,21 @@ def ensure_node_address(bridge: str, address: IPv4Address, subnet) -> bool:
     if changed:
         log.info("node address set bridge=%s address=%s mac=%s", bridge, address, mac)
     return changed
+
+
+def announce(ifindex: int, ipv4: str, mac: str) -> None:
+    """A gratuitous ARP (RFC 5227 announcement) for ``ipv4`` at ``mac`` out of one interface:
+    neighbours holding an entry for the address take the new MAC at once."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    ip = IPv4Address(ipv4).packed
+    frame = (b"\xff" * 6 + hw + struct.pack("!H", 0x0806)
+             + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + hw + ip + b"\x00" * 6 + ip)
+    try:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+            sock.bind((socket.if_indextoname(ifindex), 0))
+            sock.send(frame)
+    except OSError as exc:
+        log.warning("cannot announce the gateway's new MAC address=%s error=%s", ipv4, exc)
 
 
 def remove_vxlan(ifname: str) -> None:
