@@ -114,7 +114,7 @@ class IpvsBackend:
             mangle, filt = fresh_table("mangle"), fresh_table("filter")
             try:
                 if current is None:
-                    _set_sysctls()
+                    set_sysctls()
                     current = _observe(ipvs, mangle)
                 state = current
                 mangle_changed = ensure_jump(mangle, "OUTPUT", MARK_CHAIN)
@@ -171,7 +171,7 @@ class IpvsBackend:
         touched = False
         for backend in backends:
             if dests.get(backend) != 1:
-                _dest(ipvs, "set" if backend in dests else "add", mark, backend, 1)
+                set_dest(ipvs, "set" if backend in dests else "add", mark, backend, 1)
                 dests[backend] = 1
                 state.draining.pop((vip, backend), None)
                 touched = True
@@ -179,12 +179,12 @@ class IpvsBackend:
         for backend in sorted(set(dests) - set(backends)):
             key = (vip, backend)
             if dests[backend] != 0:  # stop new connections now, let established ones finish
-                _dest(ipvs, "set", mark, backend, 0)
+                set_dest(ipvs, "set", mark, backend, 0)
                 dests[backend] = 0
                 state.draining[key] = now + self.drain_grace
                 touched = True
             elif now >= state.draining.setdefault(key, now + self.drain_grace):
-                _dest(ipvs, "del", mark, backend, 0)
+                set_dest(ipvs, "del", mark, backend, 0)
                 del dests[backend]
                 state.draining.pop(key)
                 touched = True
@@ -218,11 +218,11 @@ def _sync_udp(ipvs, state: NetnsState, vip: IPv4Address, backends: tuple[IPv4Add
     dests = state.udp.setdefault(vip, set())
     touched = False
     for backend in sorted(set(backends) - dests):
-        _dest(ipvs, "add", mark, backend, 1)
+        set_dest(ipvs, "add", mark, backend, 1)
         result.rules_written += 1
         touched = True
     for backend in sorted(dests - set(backends)):  # UDP has nothing to finish: go at once
-        _dest(ipvs, "del", mark, backend, 1)
+        set_dest(ipvs, "del", mark, backend, 1)
         touched = True
     state.udp[vip] = set(backends)
     return touched
@@ -238,18 +238,19 @@ def _service(ipvs, command: str, mark: int) -> None:
         log.debug("ipvs service %s fwmark=%#x: %s", command, mark, exc)
 
 
-def _dest(ipvs, command: str, mark: int, backend: IPv4Address, weight: int) -> None:
+def set_dest(ipvs, command: str, mark: int, backend: IPv4Address | str, weight: int, port: int = 0) -> None:
+    """``port`` 0: the connection's own port (a VIP); else the task's (the mesh's TARGET)."""
     from pyroute2 import IPVSDest, IPVSService
     service = IPVSService(fwmark=mark, af=socket.AF_INET, sched_name="rr", netmask="255.255.255.255")
-    dest = IPVSDest(addr=str(backend), port=0, fwd_method=MASQUERADE, weight=weight)
+    dest = IPVSDest(addr=str(backend), port=port, fwd_method=MASQUERADE, weight=weight)
     ipvs.dest(command, service=service, dest=dest)
 
 
 _sysctl_warned: set[str] = set()
 
 
-def _set_sysctls() -> None:
-    for key, value in SYSCTLS.items():
+def set_sysctls(values: dict[str, str] = SYSCTLS) -> None:
+    for key, value in values.items():
         path = Path("/proc/sys/net/ipv4/vs") / key
         try:
             path.write_text(value + "\n")

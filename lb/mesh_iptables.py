@@ -21,13 +21,12 @@ keeps its dispatch rule and no DNAT: the connection reaches this host's own port
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import iptc
 from iptc import easy
 
-from discovery.host.firewall import MESH_MARK
+from discovery.host.firewall import MESH_MARK, prefix_tag
 from discovery.host.netlink import bridge_name
 from discovery.host.xtables import (
     LOCK,
@@ -47,13 +46,9 @@ log = logging.getLogger(__name__)
 MARK = f"{MESH_MARK:#x}/{MESH_MARK:#x}"
 
 
-def _tag(prefix: str) -> str:
-    return hashlib.sha1(prefix.encode()).hexdigest()[:6].upper()
-
-
 def chain_names(prefix: str) -> tuple[str, str, str]:
     """(dispatch chain, POSTROUTING chain, the per-port chains' name prefix)."""
-    tag = _tag(prefix)
+    tag = prefix_tag(prefix)
     return f"SVCNET-MESH-{tag}", f"SVCNET-MPOST-{tag}", f"SVCNET-P{tag}-"
 
 

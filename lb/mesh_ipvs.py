@@ -20,7 +20,6 @@ our mangle chain's marks, so a restarted agent changes nothing that is right.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
 from pathlib import Path
@@ -28,9 +27,10 @@ from pathlib import Path
 import iptc
 from iptc import easy
 
-from discovery.host.firewall import MESH_MARK
+from discovery.host.firewall import MESH_MARK, prefix_tag
 from discovery.host.xtables import LOCK, converge_jumped, drop_chain, fresh_table, release, table_in_use, unjump
 
+from . import ipvs as ipvs_backend
 from . import mesh_iptables
 from .mesh import MeshPlan, MeshPort
 
@@ -42,7 +42,7 @@ SYSCTLS = {"conntrack": "1", "expire_nodest_conn": "1", "conn_reuse_mode": "0"}
 
 
 def chain_name(prefix: str) -> str:
-    return "SVCNET-MMARK-" + hashlib.sha1(prefix.encode()).hexdigest()[:6].upper()
+    return "SVCNET-MMARK-" + prefix_tag(prefix)
 
 
 def fwmark(port: MeshPort) -> int:
@@ -93,7 +93,7 @@ def sync(prefix: str, plan: MeshPlan) -> int:
         try:
             owned = _marks_in(mangle, chain)
             if plan.ports:
-                _set_sysctls()
+                ipvs_backend.set_sysctls(SYSCTLS)  # the VIPs' helper, with the mesh's settings
             ipvs = IPVS()
             try:
                 present = _services(ipvs, owned | set(wanted))
@@ -107,10 +107,10 @@ def sync(prefix: str, plan: MeshPlan) -> int:
                         have = set()
                         changes += 1
                     for address, port in sorted(have - dests):
-                        _dest(ipvs, "del", mark, address, port)
+                        ipvs_backend.set_dest(ipvs, "del", mark, address, 1, port)
                         changes += 1
                     for address, port in sorted(dests - have):
-                        _dest(ipvs, "add", mark, address, port)
+                        ipvs_backend.set_dest(ipvs, "add", mark, address, 1, port)
                         changes += 1
             finally:
                 ipvs.close()
@@ -191,21 +191,3 @@ def _service(ipvs, command: str, mark: int) -> None:
         if not ("exist" in text or "no such" in text or "not found" in text):
             raise
         log.debug("ipvs service %s fwmark=%#x: %s", command, mark, exc)
-
-
-def _dest(ipvs, command: str, mark: int, address: str, port: int) -> None:
-    from pyroute2 import IPVSDest
-
-    ipvs.dest(command, service=_ipvs_service(mark), dest=IPVSDest(addr=address, port=port, fwd_method=0, weight=1))
-
-
-def _set_sysctls() -> None:
-    for key, value in SYSCTLS.items():
-        path = Path("/proc/sys/net/ipv4/vs") / key
-        try:
-            if path.read_text().strip() != value:
-                path.write_text(value + "\n")
-        except OSError as exc:
-            log.warning("cannot set ipvs sysctl key=%s error=%s", key, exc)
-
-

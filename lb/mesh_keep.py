@@ -23,13 +23,12 @@ requests are tracked.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 
 from pyroute2 import IPRoute, NetlinkError
 
 from discovery.host import netlink
-from discovery.host.firewall import RETURN_MASK
+from discovery.host.firewall import RETURN_MASK, prefix_tag
 from discovery.host.netlink import bridge_name, ignore_missing
 from discovery.host.overlay import mac_for
 from discovery.host.xtables import LOCK, converge_jumped, drop_chain, fresh_table, release, table_in_use
@@ -43,7 +42,7 @@ SLOT_SHIFT = 20
 
 
 def chain_name(prefix: str) -> str:
-    return "SVCNET-KEEP-" + hashlib.sha1(prefix.encode()).hexdigest()[:6].upper()
+    return "SVCNET-KEEP-" + prefix_tag(prefix)
 
 
 def _mark(slot: int) -> int:
@@ -124,7 +123,6 @@ def _sync_routes(prefix: str, paths: tuple[ReturnPath, ...]) -> int:
     return changes
 
 
-
 def remove(prefix: str) -> None:
     sync(prefix, ())
     if not table_in_use("mangle"):
@@ -136,5 +134,3 @@ def remove(prefix: str) -> None:
             mangle.commit()
         finally:
             release(mangle)
-
-

@@ -30,8 +30,13 @@ MESH_MARK = 0x00080000
 RETURN_MASK = 0x7FF00000
 
 
+def prefix_tag(prefix: str) -> str:
+    """The registry prefix as six hex digits: the name part of every chain svcnet owns on a host."""
+    return hashlib.sha1(prefix.encode()).hexdigest()[:6].upper()
+
+
 def chain_names(prefix: str) -> tuple[str, str]:
-    tag = hashlib.sha1(prefix.encode()).hexdigest()[:6].upper()
+    tag = prefix_tag(prefix)
     return f"SVCNET-FWD-{tag}", f"SVCNET-NAT-{tag}"
 
 
