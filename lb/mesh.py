@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from discovery.host.firewall import RETURN_MASK
 from discovery.state.model import Endpoint, Node, Service
 from discovery.state.view import View
 
@@ -70,7 +71,8 @@ class ReturnPath:
     slot: int
 
 
-MAX_SLOT = 0x7FF  # RETURN_MASK's width
+SLOT_SHIFT = 20  # where a slot sits in RETURN_MASK
+MAX_SLOT = RETURN_MASK >> SLOT_SHIFT
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,11 @@ from discovery.host.netlink import bridge_name, ignore_missing
 from discovery.host.overlay import mac_for
 from discovery.host.xtables import LOCK, converge_jumped, drop_chain, fresh_table, release, table_in_use
 
-from .mesh import ReturnPath
+from .mesh import SLOT_SHIFT, ReturnPath
 
 log = logging.getLogger(__name__)
 
 RULE_PRIORITY = 3000
-SLOT_SHIFT = 20
 
 
 def chain_name(prefix: str) -> str:
