@@ -7,7 +7,7 @@ library only: the CLI imports this at start.
 
 LEASE_TTL = 10  # seconds a dead node's endpoints stay in the registry
 DRAIN_GRACE = 30.0  # IPVS: seconds a task that left keeps its established connections
-LB_BACKEND = "auto"  # auto | ipvs | iptables
+LB_BACKEND = "auto"  # auto | ipvs | nftables | iptables
 NETNS_PREFIX = "svcnet-"  # sandboxes' names under /run/netns
 VXLAN_PORT = 4789  # IANA's VXLAN port: every host of a cluster must use the same
 

@@ -51,7 +51,7 @@ def ipvs_available() -> bool:
     """Does this kernel have IPVS? Loads the module if it can; asked once per process.
 
     A missing ``modprobe`` (Debian's kmod) or a kernel without ``ip_vs`` is no error: the
-    caller falls back to iptables, and the reason is logged once, with what to install.
+    caller falls back to nftables (or iptables), and the reason is logged once, with what to install.
     """
     if Path("/proc/net/ip_vs").exists():
         return True
@@ -59,18 +59,18 @@ def ipvs_available() -> bool:
                                                  if Path(p).exists()), None)
     if modprobe is None:
         log.warning("ipvs unavailable: modprobe not found and ip_vs is not loaded; "
-                    "install=kmod (apt-get install kmod) fallback=iptables")
+                    "install=kmod (apt-get install kmod) fallback=nftables_or_iptables")
         return False
     try:
         result = subprocess.run([modprobe, "ip_vs"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("ipvs unavailable: modprobe ip_vs failed error=%r fallback=iptables", exc)
+        log.warning("ipvs unavailable: modprobe ip_vs failed error=%r fallback=nftables_or_iptables", exc)
         return False
     if not Path("/proc/net/ip_vs").exists():
         reason = (result.stderr.strip() or f"exit {result.returncode}").replace(" ", "_")[:160]
-        log.warning("ipvs unavailable: the kernel has no ip_vs module reason=%s fallback=iptables "
+        log.warning("ipvs unavailable: the kernel has no ip_vs module reason=%s fallback=nftables_or_iptables "
                     "hint=%r", reason, "use a kernel built with CONFIG_IP_VS (Debian's linux-image-amd64 has it) "
-                    "to get IPVS; iptables balances the same VIPs meanwhile")
+                    "to get IPVS; nftables or iptables balances the same VIPs meanwhile")
         return False
     return True
 

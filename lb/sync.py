@@ -25,22 +25,52 @@ from .plan import Plan, PlanCache, diff, plan_for, rule_count
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "ipvs", "iptables")
+BACKENDS = ("auto", "ipvs", "nftables", "iptables")
 
 
 def make_backend(choice: str, drain_grace: float):
-    """``auto``: IPVS when the kernel has it, iptables otherwise."""
+    """``auto``: IPVS when the kernel has it, else nftables when it works, else iptables."""
+    from discovery.errors import SvcnetError
+    from discovery.host.nft import nft_available
+
     if choice == "ipvs" or (choice == "auto" and ipvs_available()):
         if not ipvs_available():
-            from discovery.errors import SvcnetError
             raise SvcnetError("--lb-backend ipvs: IPVS is not available here (no ip_vs module, or no modprobe: "
-                              "apt-get install kmod); use --lb-backend iptables or auto")
+                              "apt-get install kmod); use --lb-backend nftables, iptables or auto")
         return IpvsBackend(drain_grace)
+    if choice == "nftables" or (choice == "auto" and nft_available()):
+        if not nft_available():
+            raise SvcnetError("--lb-backend nftables: nftables is not usable here (apt-get install libnftables1; "
+                              "the kernel needs nf_tables); use --lb-backend iptables or auto")
+        from .nftables import NftablesBackend
+        return NftablesBackend()
     return IptablesBackend()
 
 
+def clear_other_backends(active: str, netns: str) -> None:
+    """Rules another backend left in ``netns`` (an agent restarted with another
+    ``--lb-backend``) would still catch VIP traffic first: take them out before the first sync.
+    Only the nftables switch is handled; iptables and IPVS share the reject chain."""
+    from discovery.host import netlink
+    from discovery.host.xtables import LOCK, table_in_use
+
+    if active == "nftables":
+        with LOCK, netlink.entered_netns(netns):
+            legacy = {name for name in ("nat", "mangle") if table_in_use(name)}
+        if "nat" in legacy:
+            IptablesBackend().remove(netns)
+        if "mangle" in legacy and Path("/proc/net/ip_vs").exists():
+            IpvsBackend().remove(netns)
+        return
+    from discovery.host.nft import nft_available
+
+    if nft_available():
+        from .nftables import NftablesBackend
+        NftablesBackend().remove(netns)
+
+
 class _Sandbox:
-    __slots__ = ("netns", "attached", "foreign", "plan", "kernel", "revision", "deadline")
+    __slots__ = ("netns", "attached", "foreign", "plan", "kernel", "revision", "deadline", "cleared")
 
     def __init__(self, netns: str, attached: tuple[str, ...], foreign: bool) -> None:
         self.netns = netns
@@ -50,6 +80,7 @@ class _Sandbox:
         self.kernel = None  # the backend's notion of the kernel state (None: read it)
         self.revision = -1
         self.deadline: float | None = None  # a drain to finish (IPVS)
+        self.cleared = False  # other backends' leftovers removed
 
 
 class LbSync:
@@ -149,6 +180,9 @@ class LbSync:
                 continue
             started = time.perf_counter()
             try:
+                if sandbox.kernel is None and not sandbox.cleared:
+                    await asyncio.to_thread(clear_other_backends, self.backend.name, sandbox.netns)
+                    sandbox.cleared = True
                 kernel, result = await asyncio.to_thread(self.backend.sync, sandbox.netns, sandbox.kernel, desired)
             except Exception as exc:
                 self.syncs.inc("error")

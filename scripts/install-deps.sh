@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Everything the agent, the CLI, the demo and the tests run: kmod (modprobe ip_vs),
-# ipvsadm and conntrack are optional at run time (the agent falls back and says what to
+# ipvsadm, conntrack and libnftables1 (the nftables backend) are optional at run time (the agent falls back and says what to
 # install), but a fresh machine gets them so the demo shows the full dataplane.
-APT_PACKAGES=(etcd-server etcd-client iproute2 iptables dnsutils iputils-ping conntrack kmod ipvsadm curl openssl
+APT_PACKAGES=(etcd-server etcd-client iproute2 iptables nftables libnftables1 dnsutils iputils-ping conntrack kmod ipvsadm curl openssl
               python3 python3-venv python3-dev gcc procps util-linux)
 if [[ ${1:-} == --with-vm-lane ]]; then
     APT_PACKAGES+=(linux-image-amd64 qemu-system-x86 busybox-static)

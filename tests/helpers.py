@@ -321,5 +321,30 @@ def ipvs_sysctls(netns: str) -> dict[str, str]:
 
 def expected_lb_backend() -> str:
     """What ``--lb-backend auto`` must pick here: SVCNET_EXPECT_LB_BACKEND if set (the IPVS
-    lane sets ipvs, so a silent fallback fails), else ipvs exactly when the kernel has it."""
-    return os.environ.get("SVCNET_EXPECT_LB_BACKEND") or ("ipvs" if Path("/proc/net/ip_vs").exists() else "iptables")
+    lane sets ipvs, so a silent fallback fails), else ipvs exactly when the kernel has it,
+    else nftables (scripts/install-deps.sh installs libnftables: a fallback to iptables fails)."""
+    return os.environ.get("SVCNET_EXPECT_LB_BACKEND") or ("ipvs" if Path("/proc/net/ip_vs").exists() else "nftables")
+
+
+def lb_backends() -> list[str]:
+    """The backends the LB acceptance tests run on: SVCNET_TEST_LB_BACKENDS (comma-separated;
+    the IPVS lane names ipvs alone) or what ``auto`` picks here and iptables, the fallback
+    every kernel has."""
+    named = [name for name in os.environ.get("SVCNET_TEST_LB_BACKENDS", "").split(",") if name]
+    return named or list(dict.fromkeys([expected_lb_backend(), "iptables"]))
+
+
+def lb_rules(netns: str, backend: str) -> str:
+    """What svcnet's load balancer holds in ``netns``, without counters: the legacy iptables
+    rules, plus IPVS's table (ipvs) or svcnet's nftables table (nftables). Reading the
+    backend's own state must work: a failure is an AssertionError."""
+    def read(*argv: str) -> str:
+        result = subprocess.run(["nsenter", f"--net={netns}", *argv], capture_output=True, text=True)
+        assert result.returncode == 0, f"{' '.join(argv)} failed in {netns}: {result.stderr.strip()}"
+        return result.stdout
+    lines = [line.split(" [")[0] for line in read("iptables-legacy-save").splitlines() if not line.startswith("#")]
+    if backend == "ipvs":
+        lines.append(read("ipvsadm", "-Sn"))
+    if backend == "nftables":
+        lines.append(read("nft", "list", "table", "ip", "svcnet"))
+    return "\n".join(lines)

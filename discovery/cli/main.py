@@ -267,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _lb_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("load balancer", "traffic to a service's VIP goes to its healthy tasks")
-    group.add_argument("--lb-backend", choices=["auto", "ipvs", "iptables"],
+    group.add_argument("--lb-backend", choices=["auto", "ipvs", "nftables", "iptables"],
                        default=os.environ.get("SVCNET_LB_BACKEND", defaults.LB_BACKEND),
-                       help="auto: IPVS when the kernel has it, else iptables DNAT (env SVCNET_LB_BACKEND)")
+                       help="auto: IPVS when the kernel has it, else nftables (map elements: flat cost at "
+                            "10,000 services), else iptables DNAT (env SVCNET_LB_BACKEND)")
     group.add_argument("--drain-grace", type=float, default=defaults.DRAIN_GRACE, metavar="SECONDS",
                        help="IPVS: a task that left keeps its established connections this long "
                             "(default %(default)s)")

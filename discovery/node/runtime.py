@@ -67,7 +67,7 @@ class NodeOptions:
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
     metrics_addr: tuple[str, int] | None = (defaults.METRICS_HOST, defaults.METRICS_PORT)
     metrics_addr_explicit: bool = False  # a busy default port is a warning, a busy chosen one an error
-    lb_backend: str = defaults.LB_BACKEND  # auto | ipvs | iptables
+    lb_backend: str = defaults.LB_BACKEND  # auto | ipvs | nftables | iptables
     drain_grace: float = defaults.DRAIN_GRACE  # IPVS: seconds a removed task keeps its established connections
     docker: str | None = None  # the Docker engine's URL: serve its labelled containers (agent only)
     remove_on_exit: bool = False  # agent: SIGTERM removes its sandboxes, bridges and rules (compose)

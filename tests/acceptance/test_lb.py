@@ -1,8 +1,9 @@
 """Acceptance: real TCP and UDP traffic to a VIP through the kernel rules svcnet programs.
 
 Tasks are sandboxes from `svcnet run` running tests/taskserver.py (answers with its own
-name). Clients are sockets opened inside a client sandbox's netns. The backend is the one
-the agent's ``--lb-backend auto`` picks: iptables on this kernel. Each test starts its own
+name). Clients are sockets opened inside a client sandbox's netns. Every test runs on each
+backend of ``tests.helpers.lb_backends()`` (nftables, what ``auto`` picks on this kernel,
+and iptables), passed to the agent as SVCNET_LB_BACKEND. Each test starts its own
 agent and drives it with the CLI, which is too slow under the IPVS lane's emulation (an
 agent start ~60 s there): ``test_lb_agent.py`` is the agent-level file that lane runs.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -22,7 +22,7 @@ import pytest
 
 from discovery.host import netlink
 from tests.acceptance.test_dns import _wait
-from tests.helpers import require_tools
+from tests.helpers import lb_backends, lb_rules, require_tools
 from tests.stats import assert_uniform
 
 TASK_SERVER = str(Path(__file__).resolve().parent.parent / "taskserver.py")
@@ -33,9 +33,10 @@ THREE_TASKS = 750  # connections: enough for the chi-square check to catch an un
 FIVE_TASKS = 500
 
 
-@pytest.fixture(autouse=True)
-def _tools():
-    require_tools("ip", "etcd", "iptables-legacy-save")
+@pytest.fixture(autouse=True, params=lb_backends())
+def _backend(cli, request):
+    require_tools("ip", "etcd", "iptables-legacy-save", "nft")
+    cli.env["SVCNET_LB_BACKEND"] = request.param
 
 
 def _socket(cli, sandbox: str, kind: int) -> socket.socket:
@@ -206,15 +207,7 @@ def test_vip_without_tasks_refuses_and_other_networks_cannot_reach_it(cli):
 
 
 def _rules(cli, sandbox: str, backend: str) -> str:
-    """The sandbox's rules without counters (and IPVS's table, with that backend)."""
-    netns = cli.netns(sandbox)
-    text = subprocess.run(["nsenter", f"--net={netns}", "iptables-legacy-save"], capture_output=True, text=True,
-                          check=True).stdout
-    text = "\n".join(re.sub(r"\[\d+:\d+\]", "", line) for line in text.splitlines() if not line.startswith("#"))
-    if backend == "ipvs":
-        text += subprocess.run(["nsenter", f"--net={netns}", "ipvsadm", "-Sn"], capture_output=True, text=True,
-                               check=True).stdout
-    return text
+    return lb_rules(cli.netns(sandbox), backend)
 
 
 def test_agent_restart_keeps_flows_and_leaves_rules_identical(cli):
@@ -226,7 +219,8 @@ def test_agent_restart_keeps_flows_and_leaves_rules_identical(cli):
     net, client, vip, tasks = _service_with_tasks(cli, 3, "10.125.0.0/24")
     backend = cli.info()["lb_backend"]
     before = {name: _rules(cli, name, backend) for name in [client, *tasks]}
-    assert f"-d {vip}/32" in before[client]
+    assert backend == cli.env["SVCNET_LB_BACKEND"]
+    assert vip in before[client]
     held = _socket(cli, client, socket.SOCK_STREAM)
     held.connect((vip, PORT))
     held_task = held.recv(64).split(b"\n")[0].decode()

@@ -32,6 +32,7 @@ from tests.helpers import (
     expected_lb_backend,
     ipvs_sysctls,
     ipvs_table,
+    lb_rules,
     metric_value,
     nat_rules,
     require_root,
@@ -114,7 +115,12 @@ class Node:
         return ipvs_table(self.cli.netns(self.client))
 
     def dnat_rules(self) -> str:
-        return nat_rules(self.cli.netns(self.client))
+        return lb_rules(self.cli.netns(self.client), self.backend)
+
+    def programmed(self, address: str) -> bool:
+        """Is ``address`` a destination of the client's VIP rules (iptables or nftables)?"""
+        rules = self.dnat_rules()
+        return f"--to-destination {address}" in rules if self.backend == "iptables" else f": {address}" in rules
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +156,7 @@ def test_auto_picks_the_kernel_backend_with_its_settings_and_metrics(node):
         table = node.ipvs()
         assert table.get(tcp_mark) == every_task and table.get(udp_mark) == every_task, node.diagnosis()
     else:
-        rules = node.dnat_rules()
-        assert all(f"--to-destination {address}" in rules for address in node.tasks.values()), rules
+        assert all(node.programmed(address) for address in node.tasks.values()), node.dnat_rules()
     spread = Counter(node.tcp_name() for _ in range(60))
     assert set(spread) == set(node.tasks), f"{spread}\n{node.diagnosis()}"
 
@@ -176,7 +181,7 @@ def test_an_unhealthy_task_drains_for_the_grace_then_leaves(node):
         table = node.ipvs()
         assert table[tcp_mark].get(address) == 0 and address not in table[udp_mark], table
     else:
-        assert f"--to-destination {address}" not in node.dnat_rules()
+        assert not node.programmed(address), node.dnat_rules()
     held.sendall(b"still there\n")
     assert held.recv(64) == b"still there\n", "the established connection goes on while it drains"
     held.close()
@@ -199,7 +204,7 @@ def test_a_removed_task_leaves_the_vip(node):
         assert wait(lambda: address not in node.ipvs().get(udp_mark, {}), 5), node.ipvs()
         assert node.ipvs()[tcp_mark].get(address, 0) == 0, "no new connection to a removed task"
     else:
-        assert wait(lambda: f"--to-destination {address}" not in node.dnat_rules(), 5)
+        assert wait(lambda: not node.programmed(address), 5), node.dnat_rules()
     seen: Counter = Counter()
 
     def both_serve() -> bool:

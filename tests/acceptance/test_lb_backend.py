@@ -2,17 +2,16 @@
 
 No etcd, no agent: a bridge, a client netns and five task netns made with `ip`, task
 servers as threads whose sockets live in the task netns, and the agent's own sync loop
-(``lb.sync.LbSync``) fed Views and programming the client netns. It runs with the backend
-SVCNET_LB_BACKEND names (default: what `auto` picks, iptables on this kernel); the IPVS lane
-(tests/vm/ipvs-lane.sh) runs it in a VM whose kernel has IPVS, where the full agent is too
-slow to start under emulation.
+(``lb.sync.LbSync``) fed Views and programming the client netns. Every test runs on each
+backend of ``tests.helpers.lb_backends()``: here nftables (what `auto` picks on this kernel)
+and iptables; the IPVS lane (tests/vm/ipvs-lane.sh) runs it on IPVS in a VM whose kernel has
+it, where the full agent is too slow to start under emulation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import socket
 import subprocess
@@ -31,7 +30,15 @@ from discovery.state.view import Change, View
 from lb.ipvs import marks
 from lb.plan import VipPlan
 from lb.sync import LbSync, make_backend
-from tests.helpers import expected_lb_backend, ipvs_table, metric_value, require_root, require_tools
+from tests.helpers import (
+    expected_lb_backend,
+    ipvs_table,
+    lb_backends,
+    lb_rules,
+    metric_value,
+    require_root,
+    require_tools,
+)
 from tests.stats import assert_uniform
 from tests.taskserver import echo
 
@@ -149,13 +156,7 @@ class Topology:
         return View().apply(changes, revision, KEYS)
 
     def rules(self, backend: str) -> str:
-        """The client netns's iptables rules without counters, and with the ipvs backend its
-        IPVS table (`ipvsadm -Sn`), which must be readable: a failure is an AssertionError."""
-        text = _in_client(self.client, "iptables-legacy-save")
-        lines = [line.split(" [")[0] for line in text.splitlines() if not line.startswith("#")]
-        if backend == "ipvs":
-            lines.append(_in_client(self.client, "ipvsadm", "-Sn"))
-        return "\n".join(lines)
+        return lb_rules(self.client, backend)
 
     def ipvs_dests(self) -> dict[int, dict[IPv4Address, int]]:
         """fwmark -> destination -> weight, from `ipvsadm -Sn` in the client netns."""
@@ -171,10 +172,6 @@ class Topology:
 
 def _json(obj) -> bytes:
     return json.dumps(obj.to_dict()).encode()
-
-
-def _backend_choice() -> str:
-    return os.environ.get("SVCNET_LB_BACKEND", "auto")
 
 
 @pytest.fixture
@@ -251,13 +248,14 @@ class Synced:
         self.loop.close()
 
 
-@pytest.fixture
-def start_lb(topology):
-    """``start_lb(choice=...)``: a fresh LbSync (a fresh agent, as after a restart)."""
+@pytest.fixture(params=lb_backends())
+def start_lb(topology, request):
+    """``start_lb(choice=...)``: a fresh LbSync (a fresh agent, as after a restart), on each
+    backend of ``lb_backends()`` in turn."""
     started: list[Synced] = []
 
     def start(choice: str | None = None) -> Synced:
-        synced = Synced(topology, choice or _backend_choice())
+        synced = Synced(topology, choice or request.param)
         if synced.backend == "ipvs":
             ipvs_table(topology.client)  # ipvsadm is there and reads the table
         started.append(synced)
@@ -276,10 +274,12 @@ def _wait(predicate, timeout: float) -> bool:
     return predicate()
 
 
+def test_auto_picks_ipvs_then_nftables_then_iptables():
+    assert make_backend("auto", drain_grace=DRAIN_GRACE).name == expected_lb_backend()
+
+
 def test_spreads_tcp_and_udp_and_follows_scaling(topology, start_lb):
     lb = start_lb()
-    if _backend_choice() == "auto":
-        assert lb.backend == expected_lb_backend(), "auto picks IPVS exactly when the kernel has it"
     assert lb.value("svcnet_lb_backend_info", backend=lb.backend) == 1
     lb.apply("t1", "t2", "t3", unhealthy=("t4",))
     healthy = ["t1", "t2", "t3"]
@@ -409,6 +409,7 @@ def test_same_view_again_or_after_a_restart_writes_nothing(topology, start_lb):
     assert {topology.tcp_name() for _ in range(30)} == {"t1"}
 
 
+@pytest.mark.parametrize("start_lb", ["iptables"], indirect=True)
 def test_an_iptables_chain_edited_behind_our_back_is_rewritten_on_the_next_read(topology, start_lb):
     lb = start_lb("iptables")  # service chains are this backend's alone
     lb.apply("t1", "t2")
@@ -423,3 +424,43 @@ def test_an_iptables_chain_edited_behind_our_back_is_rewritten_on_the_next_read(
     assert restarted.written()[:2] == (1, 1)
     assert sorted(topology.rules("iptables").splitlines()) == sorted(before.splitlines())
     assert {topology.tcp_name() for _ in range(30)} == {"t1", "t2"}
+
+
+@pytest.mark.parametrize("start_lb", ["nftables"], indirect=True)
+def test_an_nftables_table_edited_behind_our_back_is_repaired_on_the_next_read(topology, start_lb):
+    lb = start_lb("nftables")
+    lb.apply("t1", "t2")
+    before = topology.rules("nftables")
+    # a lost slot: the VIP's elements are rewritten; a flushed chain: the table is rebuilt
+    _in_client(topology.client, "nft", "delete", "element", "ip", "svcnet", "backends", f"{{ {VIP} . 1 }}")
+    assert topology.rules("nftables") != before
+    lb.close()
+    restarted = start_lb("nftables")
+    restarted.apply("t1", "t2")
+    assert restarted.written()[:2] == (1, 1), "only web is rewritten"
+    assert topology.rules("nftables") == before
+    assert {topology.tcp_name() for _ in range(30)} == {"t1", "t2"}
+    restarted.close()
+    _in_client(topology.client, "nft", "flush", "chain", "ip", "svcnet", "vips")
+    again = start_lb("nftables")
+    again.apply("t1", "t2")
+    assert again.written()[:2] == (1, 2), "the table is rebuilt: both VIPs written"
+    assert {topology.tcp_name() for _ in range(30)} == {"t1", "t2"}
+
+
+@pytest.mark.parametrize("start_lb", ["nftables"], indirect=True)
+def test_switching_between_iptables_and_nftables_leaves_no_rules_of_the_other(topology, start_lb):
+    """An agent restarted with another --lb-backend: the old backend's rules would catch VIP
+    traffic first; they are taken out on the first sync."""
+    first = start_lb("iptables")
+    first.apply("t1")
+    first.close()
+    second = start_lb("nftables")
+    second.apply("t2")
+    assert "SVCNET" not in topology.rules("iptables"), "the iptables chains are gone"
+    assert {topology.tcp_name() for _ in range(20)} == {"t2"}
+    second.close()
+    third = start_lb("iptables")
+    third.apply("t3")
+    assert "table ip svcnet" not in _in_client(topology.client, "nft", "list", "tables")
+    assert {topology.tcp_name() for _ in range(20)} == {"t3"}
