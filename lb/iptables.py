@@ -25,6 +25,7 @@ and removes chains of VIPs that no longer exist.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
@@ -91,39 +92,48 @@ def reject_rules(vip: IPv4Address) -> list[dict]:
 class IptablesBackend:
     name = "iptables"
 
-    def sync(self, netns: str, current: dict[IPv4Address, str] | None, desired: Plan) -> tuple[dict, SyncResult]:
-        """Make ``netns`` hold ``desired``; ``current`` is what the last sync left (None: read it).
+    def sync(self, netns: str, current: dict[IPv4Address, str] | None, desired: Plan,
+             changed: Iterable[IPv4Address] | None = None) -> tuple[dict, SyncResult]:
+        """Make ``netns`` hold ``desired``; ``current`` is what the last sync left (None: read it);
+        ``changed`` (optional) names the only VIPs that may differ from it.
 
         Returns the new VIP -> signature map to pass as ``current`` next time.
         """
         result = SyncResult()
+        only = set(changed) if changed is not None else None
         with LOCK, netlink.entered_netns(netns):
             nat, filt = fresh_table("nat"), fresh_table("filter")
             try:
-                changed = ensure_jump(nat, "OUTPUT", DISPATCH_CHAIN) | ensure_jump(filt, "OUTPUT", REJECT_CHAIN)
+                jumps_written = ensure_jump(nat, "OUTPUT", DISPATCH_CHAIN) | ensure_jump(filt, "OUTPUT", REJECT_CHAIN)
                 dispatch = iptc.Chain(nat, DISPATCH_CHAIN)
                 if current is None:
                     current, unreadable = _observe(nat)
-                    changed |= _drop_unreadable(nat, dispatch, unreadable)
+                    jumps_written |= _drop_unreadable(nat, dispatch, unreadable)
+                    only = None
+                current = dict(current)
                 rejects = iptc.Chain(filt, REJECT_CHAIN)
-                reject_changed = changed
-                for vip in sorted(current.keys() - desired.keys()):
+                reject_changed = jumps_written
+                candidates = current.keys() if only is None else only
+                for vip in sorted((current.keys() - desired.keys()) & candidates):
                     _remove_vip(nat, dispatch, rejects, vip)
+                    del current[vip]
                     result.services_removed += 1
                     reject_changed = True
-                for vip, plan in sorted(desired.items()):
+                for vip in sorted(desired.keys() if only is None else only & desired.keys()):
+                    plan = desired[vip]
                     if current.get(vip) == plan.signature:
                         continue
                     result += _write_vip(nat, dispatch, rejects, plan, vip in current)
+                    current[vip] = plan.signature
                     reject_changed = True
-                if result.services_written or result.services_removed or changed:
+                if result.services_written or result.services_removed or jumps_written:
                     nat.commit()
                 if reject_changed:
                     filt.commit()
             finally:
                 release(nat)
                 release(filt)
-        return {vip: plan.signature for vip, plan in desired.items()}, result
+        return current, result
 
     def next_deadline(self, state) -> float | None:
         return None  # removed backends leave at once; conntrack keeps established TCP going

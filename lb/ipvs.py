@@ -105,7 +105,10 @@ class IpvsBackend:
     def __init__(self, drain_grace: float = 30.0) -> None:
         self.drain_grace = drain_grace
 
-    def sync(self, netns: str, current: NetnsState | None, desired: Plan) -> tuple[NetnsState, SyncResult]:
+    def sync(self, netns: str, current: NetnsState | None, desired: Plan,
+             changed=None) -> tuple[NetnsState, SyncResult]:
+        """``changed`` is accepted for the sync loop's sake; IPVS compares every VIP (cheap:
+        no kernel read) because drains run on their own deadlines."""
         from pyroute2 import IPVS
         result = SyncResult()
         now = time.monotonic()

@@ -10,6 +10,8 @@ in the plan with no backends: its VIP must refuse connections, not swallow them.
 from __future__ import annotations
 
 import hashlib
+import weakref
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -39,39 +41,136 @@ class VipPlan:
 Plan = Mapping[IPv4Address, VipPlan]
 
 
+class VipTable(dict):
+    """One network's VIP -> VipPlan, remembering the table it was made from (weakly) and the
+    VIPs that differ from it: a sandbox that applied an older table learns what to rewrite
+    by following ``base`` links instead of comparing every VIP."""
+
+    __slots__ = ("base", "changed", "__weakref__")
+
+    def __init__(self, *args, base: VipTable | None = None, changed: frozenset[IPv4Address] = frozenset()) -> None:
+        super().__init__(*args)
+        self.base = weakref.ref(base) if base is not None else None
+        self.changed = changed
+
+
+EMPTY_TABLE = VipTable()
+
+
+def changed_vips(old: Mapping[IPv4Address, VipPlan], new: VipTable) -> set[IPv4Address]:
+    """The VIPs whose plan may differ between ``old`` and ``new`` (a VIP in one only counts):
+    the union of the steps' changes when ``new`` descends from ``old``, else a full compare."""
+    found: set[IPv4Address] = set()
+    table: VipTable | None = new
+    for _ in range(HISTORY):
+        if table is old:
+            return found
+        if table is None or table.base is None:
+            break
+        found |= table.changed
+        table = table.base()
+    return {vip for vip in old.keys() | new.keys() if old.get(vip) != new.get(vip)}
+
+
+HISTORY = 8  # tables kept alive per network, so a sandbox a few changes behind follows links
+
+
 def network_plans(view: View) -> dict[str, dict[IPv4Address, VipPlan]]:
     """Every network's VIPs with their healthy backends: computed once per View, shared by
     every sandbox (a sandbox's plan is the union over the networks it is attached to)."""
     return PlanCache().network_plans(view)
 
 
+class _Built:
+    """What the cache knows of one network: the slice it read, its table, and indexes to
+    update both per object."""
+
+    __slots__ = ("piece", "table", "members", "history")
+
+    def __init__(self, piece: NetworkSlice, table: VipTable, members: dict[str, set[str]]) -> None:
+        self.piece, self.table, self.members = piece, table, members
+        self.history: deque[VipTable] = deque(maxlen=HISTORY)
+
+
 class PlanCache:
     """``network_plans`` for a stream of Views: a network whose View slice is unchanged
-    (the same object) keeps the plans computed for it, so a change costs its network only."""
+    (the same object) keeps its table; a slice made from the one last read is applied per
+    service (only services it touched, directly or through their tasks, are planned
+    again), so a change costs its services, not the network."""
 
     def __init__(self) -> None:
-        self._built: dict[str, tuple[NetworkSlice, dict[IPv4Address, VipPlan]]] = {}
+        self._built: dict[str, _Built] = {}
 
-    def network_plans(self, view: View) -> dict[str, dict[IPv4Address, VipPlan]]:
-        built = {}
+    def network_plans(self, view: View) -> dict[str, VipTable]:
+        built: dict[str, _Built] = {}
         for name, piece in view.slices.items():
             done = self._built.get(name)
-            built[name] = done if done is not None and done[0] is piece else (piece, _plans_on(piece))
+            if done is not None and done.piece is piece:
+                built[name] = done
+            elif done is not None and piece.derived_from(done.piece):
+                built[name] = _update(done, piece)
+            else:
+                built[name] = _build(piece)
         self._built = built
-        return {name: plans for name, (_, plans) in built.items() if plans}
+        return {name: done.table for name, done in built.items() if done.table}
 
 
-def _plans_on(piece: NetworkSlice) -> dict[IPv4Address, VipPlan]:
-    healthy: dict[str, list[IPv4Address]] = {}
-    for endpoint in piece.endpoints.values():
-        if endpoint.service and endpoint.health == "healthy":
-            healthy.setdefault(endpoint.service, []).append(endpoint.ipv4)
-    plans = {}
+def _build(piece: NetworkSlice) -> _Built:
+    members: dict[str, set[str]] = {}
+    for container, endpoint in piece.endpoints.items():
+        if endpoint.service:
+            members.setdefault(endpoint.service, set()).add(container)
+    table = VipTable()
     for service in piece.services.values():
-        vip = service.vips.get(piece.name)
-        if service.endpoint_mode == "vip" and vip is not None:
-            plans[vip] = VipPlan(vip, service.name, piece.name, tuple(sorted(healthy.get(service.name, ()))))
-    return plans
+        plan = _plan(piece, service, members)
+        if plan is not None:
+            table[plan.vip] = plan
+    return _Built(piece, table, members)
+
+
+def _plan(piece: NetworkSlice, service, members: Mapping[str, set[str]]) -> VipPlan | None:
+    vip = service.vips.get(piece.name)
+    if service.endpoint_mode != "vip" or vip is None:
+        return None
+    healthy = sorted(piece.endpoints[c].ipv4 for c in members.get(service.name, ())
+                     if piece.endpoints[c].health == "healthy")
+    return VipPlan(vip, service.name, piece.name, tuple(healthy))
+
+
+def _update(done: _Built, piece: NetworkSlice) -> _Built:
+    old = done.piece
+    members = done.members
+    touched = set(piece.touched_services)
+    for container in piece.touched_endpoints:
+        before, after = old.endpoints.get(container), piece.endpoints.get(container)
+        if before is not None and before.service:
+            touched.add(before.service)
+            members.get(before.service, set()).discard(container)
+        if after is not None and after.service:
+            touched.add(after.service)
+            members.setdefault(after.service, set()).add(container)
+    table = VipTable(done.table, base=done.table)
+    changed: set[IPv4Address] = set()
+    for name in touched:
+        if not members.get(name):
+            members.pop(name, None)
+        before_service, after_service = old.services.get(name), piece.services.get(name)
+        previous = table.get(before_service.vips.get(piece.name)) if before_service is not None else None
+        plan = _plan(piece, after_service, members) if after_service is not None else None
+        if previous is not None and previous.service == name and (plan is None or plan.vip != previous.vip):
+            del table[previous.vip]
+            changed.add(previous.vip)
+        if plan is not None and table.get(plan.vip) != plan:
+            table[plan.vip] = plan
+            changed.add(plan.vip)
+    if not changed:  # no VIP moved: the same table, so sandboxes see nothing to do
+        table = done.table
+    else:
+        table.changed = frozenset(changed)
+        done.history.append(done.table)
+    updated = _Built(piece, table, members)
+    updated.history = done.history
+    return updated
 
 
 def plan_for(view: View, attached: Sequence[str],

@@ -1,10 +1,12 @@
-"""The load-balancer sync loop: one per process, for every sandbox it serves.
+"""The load-balancer sync loops: one per sandbox the process serves.
 
-Like kube-proxy's proxier: View and sandbox changes only mark the loop dirty; a sync
-computes each sandbox's plan from the latest View, skips sandboxes whose plan did not
-change, hands the rest to the backend (which applies only the difference), then deletes
-UDP conntrack entries towards backends that left. Changes arriving meanwhile coalesce
-into the next sync. A failed sync forgets what it believed the kernel held, so the next one
+Like kube-proxy's proxier: a View or sandbox change only marks sandboxes dirty; a sync
+takes the latest View's per-network VIP tables (planned once per View, per changed
+service), skips a sandbox whose tables did not change, and hands the backend the plan and
+the VIPs that may differ (followed through the tables' history, not by comparing every
+VIP), so a change among 10,000 services costs its VIPs in each sandbox. Then UDP conntrack
+entries towards backends that left are deleted. Changes arriving meanwhile coalesce into
+the next sync. A failed sync forgets what it believed the kernel held, so the next one
 reads the kernel again and converges.
 """
 
@@ -21,7 +23,7 @@ from discovery.state.view import View
 from .conntrack import forget_udp_flows
 from .iptables import IptablesBackend
 from .ipvs import IpvsBackend, ipvs_available
-from .plan import Plan, PlanCache, diff, plan_for, rule_count
+from .plan import EMPTY_TABLE, Plan, PlanCache, VipTable, changed_vips, rule_count
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +72,38 @@ def clear_other_backends(active: str, netns: str) -> None:
 
 
 class _Sandbox:
-    __slots__ = ("netns", "attached", "foreign", "plan", "kernel", "revision", "deadline", "cleared")
+    __slots__ = ("name", "netns", "attached", "foreign", "tables", "plan", "kernel", "revision", "deadline",
+                 "cleared", "dirty", "task")
 
-    def __init__(self, netns: str, attached: tuple[str, ...], foreign: bool) -> None:
+    def __init__(self, name: str, netns: str, attached: tuple[str, ...], foreign: bool) -> None:
+        self.name = name
         self.netns = netns
         self.attached = attached
         self.foreign = foreign  # a netns svcnet did not make: take our rules out when we leave
+        self.tables: tuple[VipTable, ...] | None = None  # the network tables the last sync applied
         self.plan: Plan | None = None  # what the last successful sync applied
         self.kernel = None  # the backend's notion of the kernel state (None: read it)
         self.revision = -1
         self.deadline: float | None = None  # a drain to finish (IPVS)
         self.cleared = False  # other backends' leftovers removed
+        self.dirty = asyncio.Event()
+        self.task: asyncio.Task | None = None
 
 
 class LbSync:
-    def __init__(self, backend, metrics: Metrics) -> None:
+    """One task per sandbox, so a slow sync (a sandbox's first, at 10,000 services) never
+    holds back another sandbox's change; at most ``workers`` syncs run at once, each in a
+    worker thread. The View's per-network VIP tables are planned once per View and shared;
+    a sandbox rewrites only the VIPs its tables changed since it last synced."""
+
+    def __init__(self, backend, metrics: Metrics, workers: int = 4) -> None:
         self.backend = backend
         self.view = View()
         self.sandboxes: dict[str, _Sandbox] = {}
         self._plans = PlanCache()
-        self._dirty = asyncio.Event()
+        self._tables: tuple[View, dict[str, VipTable]] | None = None
+        self._workers = asyncio.Semaphore(workers)
+        self._running = False
         self._synced = asyncio.Condition()
         self._conntrack_warned = False
         # no sync before the first View (from etcd or the snapshot on disk): an empty View
@@ -98,7 +112,7 @@ class LbSync:
         self.syncs = metrics.counter("svcnet_lb_syncs_total", "Load-balancer syncs, by result.", ("result",))
         self.duration = metrics.histogram("svcnet_lb_sync_seconds", "Duration of one load-balancer sync.")
         self.rules_written = metrics.counter("svcnet_lb_rules_written_total",
-                                             "Rules and IPVS entries written by syncs.")
+                                             "Rules, set elements and IPVS entries written by syncs.")
         self.services_written = metrics.counter("svcnet_lb_services_written_total",
                                                 "VIPs (re)programmed in some sandbox.")
         self.flows_forgotten = metrics.counter("svcnet_lb_conntrack_deleted_total",
@@ -121,23 +135,34 @@ class LbSync:
     def on_view(self, view: View) -> None:
         self.view = view
         self._has_view.set()
-        self._dirty.set()
+        for sandbox in self.sandboxes.values():
+            sandbox.dirty.set()
 
     def add(self, name: str, netns: str, attached, foreign: bool = False) -> None:
         current = self.sandboxes.get(name)
         if current is None or current.netns != netns:
-            self.sandboxes[name] = _Sandbox(netns, tuple(attached), foreign)
+            if current is not None and current.task is not None:
+                current.task.cancel()
+            current = self.sandboxes[name] = _Sandbox(name, netns, tuple(attached), foreign)
+            if self._running:
+                self._start(current)
         else:
             current.attached = tuple(attached)
-        self._dirty.set()
+        current.dirty.set()
 
     async def drop(self, name: str) -> None:
         sandbox = self.sandboxes.pop(name, None)
-        if sandbox is not None and sandbox.foreign and Path(sandbox.netns).exists():
+        if sandbox is None:
+            return
+        if sandbox.task is not None:
+            sandbox.task.cancel()
+        if sandbox.foreign and Path(sandbox.netns).exists():
             try:
                 await asyncio.to_thread(self.backend.remove, sandbox.netns)
             except Exception as exc:
                 log.warning("cannot remove lb rules netns=%s error=%s", sandbox.netns, exc)
+        async with self._synced:
+            self._synced.notify_all()
 
     async def wait_synced(self, name: str, timeout: float = 5.0) -> None:
         """Until ``name`` runs the plan of the current View (so its VIPs work now)."""
@@ -151,62 +176,135 @@ class LbSync:
         async def waiter() -> None:
             async with self._synced:
                 await self._synced.wait_for(done)
-        self._dirty.set()
+        sandbox = self.sandboxes.get(name)
+        if sandbox is not None:
+            sandbox.dirty.set()
         await asyncio.wait_for(waiter(), timeout)
 
-    # ---- the loop --------------------------------------------------------------------
+    # ---- the loops -------------------------------------------------------------------
 
     async def run(self) -> None:
         await self._has_view.wait()
+        self._running = True
+        for sandbox in self.sandboxes.values():
+            self._start(sandbox)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._running = False
+            tasks = [s.task for s in self.sandboxes.values() if s.task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _start(self, sandbox: _Sandbox) -> None:
+        sandbox.task = asyncio.create_task(self._serve(sandbox), name=f"lb-{sandbox.name}")
+
+    async def _serve(self, sandbox: _Sandbox) -> None:
         while True:
-            deadlines = [s.deadline for s in self.sandboxes.values() if s.deadline is not None]
-            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            timeout = max(0.0, sandbox.deadline - time.monotonic()) if sandbox.deadline is not None else None
             try:
-                await asyncio.wait_for(self._dirty.wait(), timeout)
+                await asyncio.wait_for(sandbox.dirty.wait(), timeout)
             except TimeoutError:
                 pass
-            self._dirty.clear()
-            await self.sync_all()
+            sandbox.dirty.clear()
+            async with self._workers:
+                ok = await self.sync_one(sandbox)
+            async with self._synced:
+                self._synced.notify_all()
+            if not ok:
+                await asyncio.sleep(0.5)
+                sandbox.dirty.set()
+
+    def network_tables(self, view: View) -> dict[str, VipTable]:
+        """The View's VIP tables per network, planned once per View for every sandbox."""
+        if self._tables is None or self._tables[0] is not view:
+            self._tables = (view, self._plans.network_plans(view))
+        return self._tables[1]
+
+    async def sync_one(self, sandbox: _Sandbox) -> bool:
+        """Bring one sandbox to the current View; False if the backend failed (retried)."""
+        view = self.view
+        tables = tuple(self.network_tables(view).get(network, EMPTY_TABLE) for network in sandbox.attached)
+        drain_due = sandbox.deadline is not None and sandbox.deadline <= time.monotonic()
+        if sandbox.tables is not None and len(tables) == len(sandbox.tables) and not drain_due \
+                and all(a is b for a, b in zip(tables, sandbox.tables, strict=True)):
+            sandbox.revision = view.revision
+            return True
+        desired = _merged(tables)
+        changed = _changed(sandbox, tables) if sandbox.kernel is not None else None
+        if changed is not None and not changed and not drain_due:  # equal tables, rebuilt: nothing to write
+            sandbox.tables, sandbox.plan, sandbox.revision = tables, desired, view.revision
+            return True
+        started = time.perf_counter()
+        try:
+            if sandbox.kernel is None and not sandbox.cleared:
+                await asyncio.to_thread(clear_other_backends, self.backend.name, sandbox.netns)
+                sandbox.cleared = True
+            kernel, result = await asyncio.to_thread(self.backend.sync, sandbox.netns, sandbox.kernel, desired,
+                                                     changed if not drain_due else None)
+        except Exception as exc:
+            self.syncs.inc("error")
+            log.error("lb sync failed sandbox=%s backend=%s error=%r", sandbox.name, self.backend.name, exc)
+            sandbox.kernel = None  # read the kernel again next time
+            return False
+        lost = _lost(sandbox.plan or {}, desired, changed)
+        sandbox.tables, sandbox.plan, sandbox.kernel, sandbox.revision = tables, desired, kernel, view.revision
+        sandbox.deadline = self.backend.next_deadline(kernel)
+        if lost:
+            try:
+                self.flows_forgotten.inc(amount=await asyncio.to_thread(forget_udp_flows, sandbox.netns, lost))
+            except Exception as exc:
+                self._conntrack_failed(sandbox.name, exc)
+        took = time.perf_counter() - started
+        self.duration.observe(took)
+        self.syncs.inc("ok")
+        self.rules_written.inc(amount=result.rules_written)
+        self.services_written.inc(amount=result.services_written + result.services_removed)
+        if result.services_written or result.services_removed:
+            log.info("lb synced sandbox=%s revision=%s vips=%d written=%d removed=%d rules=%d took_ms=%.1f",
+                     sandbox.name, view.revision, len(desired), result.services_written, result.services_removed,
+                     result.rules_written, took * 1000)
+        return True
 
     async def sync_all(self) -> None:
-        view = self.view
-        now = time.monotonic()
-        by_network = self._plans.network_plans(view)
-        for name, sandbox in list(self.sandboxes.items()):
-            desired = plan_for(view, sandbox.attached, by_network)
-            drain_due = sandbox.deadline is not None and sandbox.deadline <= now
-            if desired == sandbox.plan and not drain_due:
-                sandbox.revision = view.revision
-                continue
-            started = time.perf_counter()
-            try:
-                if sandbox.kernel is None and not sandbox.cleared:
-                    await asyncio.to_thread(clear_other_backends, self.backend.name, sandbox.netns)
-                    sandbox.cleared = True
-                kernel, result = await asyncio.to_thread(self.backend.sync, sandbox.netns, sandbox.kernel, desired)
-            except Exception as exc:
-                self.syncs.inc("error")
-                log.error("lb sync failed sandbox=%s backend=%s error=%r", name, self.backend.name, exc)
-                sandbox.kernel = None  # read the kernel again next time
-                await asyncio.sleep(0.5)
-                self._dirty.set()
-                continue
-            lost = diff(sandbox.plan or {}, desired).lost_backends()
-            sandbox.plan, sandbox.kernel, sandbox.revision = desired, kernel, view.revision
-            sandbox.deadline = self.backend.next_deadline(kernel)
-            if lost:
-                try:
-                    self.flows_forgotten.inc(amount=await asyncio.to_thread(forget_udp_flows, sandbox.netns, lost))
-                except Exception as exc:
-                    self._conntrack_failed(name, exc)
-            took = time.perf_counter() - started
-            self.duration.observe(took)
-            self.syncs.inc("ok")
-            self.rules_written.inc(amount=result.rules_written)
-            self.services_written.inc(amount=result.services_written + result.services_removed)
-            if result.services_written or result.services_removed:
-                log.info("lb synced sandbox=%s revision=%s vips=%d written=%d removed=%d rules=%d took_ms=%.1f",
-                         name, view.revision, len(desired), result.services_written, result.services_removed,
-                         result.rules_written, took * 1000)
-        async with self._synced:
-            self._synced.notify_all()
+        """Every sandbox, one after another (tests and benchmarks; the agent runs ``run``)."""
+        for sandbox in list(self.sandboxes.values()):
+            await self.sync_one(sandbox)
+
+
+def _merged(tables: tuple[VipTable, ...]) -> Plan:
+    """A sandbox's plan: its one network's table itself (shared, not copied), or the union
+    in attach order (a later network's VIP wins, as ``plan_for`` does)."""
+    if len(tables) == 1:
+        return tables[0]
+    merged: dict = {}
+    for table in tables:
+        merged.update(table)
+    return merged
+
+
+def _changed(sandbox: _Sandbox, tables: tuple[VipTable, ...]) -> set | None:
+    """VIPs that may differ from what the sandbox applied; None: compare everything."""
+    if sandbox.tables is None or len(sandbox.tables) != len(tables):
+        return None
+    changed: set = set()
+    for old, new in zip(sandbox.tables, tables, strict=True):
+        if old is not new:
+            changed |= changed_vips(old, new)
+    return changed
+
+
+def _lost(old: Plan, new: Plan, changed: set | None) -> dict:
+    """VIP -> backends that stopped serving it (for conntrack cleanup)."""
+    vips = changed if changed is not None else old.keys()
+    lost = {}
+    for vip in vips:
+        before = old.get(vip)
+        if before is None:
+            continue
+        after = new.get(vip)
+        gone = set(before.backends) - set(after.backends if after is not None else ())
+        if gone:
+            lost[vip] = gone
+    return lost

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -53,12 +54,21 @@ class Change:
 class NetworkSlice:
     """One network's share of a View: the objects a per-network consumer reads.
 
-    Compared by identity: an equal slice in a later View is the *same* object."""
+    Compared by identity: an equal slice in a later View is the *same* object. A slice made
+    from an earlier one names it (``base``, weakly: no history is kept alive) and what moved
+    since, so a consumer still holding ``base`` updates per object instead of rebuilding."""
 
     name: str
     network: Network | None  # None while services or endpoints name a network not (yet) created
     services: Mapping[str, Service]  # services on this network (in ``networks`` or holding a VIP here)
     endpoints: Mapping[str, Endpoint]  # container -> its endpoint on this network
+    base: weakref.ref | None = None  # the slice this one was made from
+    touched_services: frozenset[str] = frozenset()  # names whose Service changed, came or went
+    touched_endpoints: frozenset[str] = frozenset()  # containers whose Endpoint changed, came or went
+
+    def derived_from(self, older: NetworkSlice | None) -> bool:
+        """Was this slice made from ``older`` by one batch (so the touched sets are the diff)?"""
+        return older is not None and self.base is not None and self.base() is older
 
 
 def _service_networks(service: Service | None) -> set[str]:
@@ -153,8 +163,11 @@ def _reslice(slices: dict[str, NetworkSlice], name: str, network: Network | None
     endpoints = _moved(old.endpoints if old else {}, endpoint_moves)
     if network is None and not services and not endpoints:
         slices.pop(name, None)
-    else:
+    elif old is None:
         slices[name] = NetworkSlice(name, network, services, endpoints)
+    else:
+        slices[name] = NetworkSlice(name, network, services, endpoints, weakref.ref(old),
+                                    frozenset(service_moves), frozenset(endpoint_moves))
 
 
 def _moved(table: Mapping, moves: Mapping) -> Mapping:
