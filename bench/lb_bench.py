@@ -29,8 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from discovery.host import netlink  # noqa: E402
+from discovery.host.nft import nft_available  # noqa: E402
 from lb.iptables import IptablesBackend  # noqa: E402
 from lb.ipvs import IpvsBackend, ipvs_available  # noqa: E402
+from lb.nftables import NftablesBackend  # noqa: E402
 from lb.plan import VipPlan  # noqa: E402
 
 RUN = "lbbench" + secrets.token_hex(2)
@@ -198,6 +200,8 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     backends = [IptablesBackend()]
+    if nft_available():
+        backends.insert(0, NftablesBackend())
     if ipvs_available():
         backends.append(IpvsBackend())
     else:

@@ -5,7 +5,9 @@ takes the latest View's per-network VIP tables (planned once per View, per chang
 service), skips a sandbox whose tables did not change, and hands the backend the plan and
 the VIPs that may differ (followed through the tables' history, not by comparing every
 VIP), so a change among 10,000 services costs its VIPs in each sandbox. Then UDP conntrack
-entries towards backends that left are deleted. Changes arriving meanwhile coalesce into
+entries towards backends that left are deleted, beside the loop (a ctnetlink dump walks
+the kernel's whole conntrack hash, ~10 ms here even for an empty netns: it must not hold
+back the next sandbox's rules). Changes arriving meanwhile coalesce into
 the next sync. A failed sync forgets what it believed the kernel held, so the next one
 reads the kernel again and converges.
 """
@@ -103,6 +105,7 @@ class LbSync:
         self._plans = PlanCache()
         self._tables: tuple[View, dict[str, VipTable]] | None = None
         self._workers = asyncio.Semaphore(workers)
+        self._cleanups: set[asyncio.Task] = set()
         self._running = False
         self._synced = asyncio.Condition()
         self._conntrack_warned = False
@@ -251,11 +254,10 @@ class LbSync:
         lost = _lost(sandbox.plan or {}, desired, changed)
         sandbox.tables, sandbox.plan, sandbox.kernel, sandbox.revision = tables, desired, kernel, view.revision
         sandbox.deadline = self.backend.next_deadline(kernel)
-        if lost:
-            try:
-                self.flows_forgotten.inc(amount=await asyncio.to_thread(forget_udp_flows, sandbox.netns, lost))
-            except Exception as exc:
-                self._conntrack_failed(sandbox.name, exc)
+        if lost:  # after the rules, not before the next sandbox: a dump costs ~10 ms in the kernel
+            task = asyncio.create_task(self._forget(sandbox, lost))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
         took = time.perf_counter() - started
         self.duration.observe(took)
         self.syncs.inc("ok")
@@ -266,6 +268,17 @@ class LbSync:
                      sandbox.name, view.revision, len(desired), result.services_written, result.services_removed,
                      result.rules_written, took * 1000)
         return True
+
+    async def _forget(self, sandbox: _Sandbox, lost: dict) -> None:
+        try:
+            self.flows_forgotten.inc(amount=await asyncio.to_thread(forget_udp_flows, sandbox.netns, lost))
+        except Exception as exc:
+            self._conntrack_failed(sandbox.name, exc)
+
+    async def settled(self) -> None:
+        """Until the conntrack cleanups started so far are done (tests)."""
+        while self._cleanups:
+            await asyncio.gather(*list(self._cleanups), return_exceptions=True)
 
     async def sync_all(self) -> None:
         """Every sandbox, one after another (tests and benchmarks; the agent runs ``run``)."""

@@ -222,6 +222,7 @@ class Synced:
         async def publish() -> None:
             self.lb.on_view(view)
             await self.lb.wait_synced(SANDBOX, timeout=20)
+            await self.lb.settled()  # and the UDP flows of tasks that left are forgotten
         try:
             self._call(publish())
         except TimeoutError:
