@@ -195,7 +195,7 @@ class LbSync:
             await asyncio.Event().wait()
         finally:
             self._running = False
-            tasks = [s.task for s in self.sandboxes.values() if s.task is not None]
+            tasks = [s.task for s in self.sandboxes.values() if s.task is not None] + list(self._cleanups)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
