@@ -6,9 +6,9 @@ ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE} AS base
 # What the agent runs besides Python: already in svcnet-base (this RUN then only checks).
 RUN command -v ip && command -v iptables && command -v nsenter && command -v dig && command -v curl \
-    && command -v modprobe || \
-    (apt-get update && apt-get install -y --no-install-recommends iproute2 iptables util-linux dnsutils curl \
-     kmod ipvsadm conntrack && rm -rf /var/lib/apt/lists/*)
+    && command -v modprobe && ldconfig -p | grep -q libnftables.so.1 || \
+    (apt-get update && apt-get install -y --no-install-recommends iproute2 iptables libnftables1 util-linux \
+     dnsutils curl kmod ipvsadm conntrack && rm -rf /var/lib/apt/lists/*)
 
 # The venv is built in a stage of its own so that the wheels stay out of the image.
 FROM base AS venv

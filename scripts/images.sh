@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
 BASE=${SVCNET_BASE:-svcnet-base:bookworm}
-BASE_PACKAGES=python3,python3-venv,iproute2,iptables,dnsutils,curl,etcd-server,util-linux,procps,kmod,ipvsadm,conntrack,ca-certificates
+BASE_PACKAGES=python3,python3-venv,iproute2,iptables,libnftables1,dnsutils,curl,etcd-server,util-linux,procps,kmod,ipvsadm,conntrack,ca-certificates
 IMAGES=(svcnet:local svcnet-demo:local svcnet-etcd:local)
 
 mkdir -p build

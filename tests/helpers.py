@@ -334,6 +334,29 @@ def lb_backends() -> list[str]:
     return named or list(dict.fromkeys([expected_lb_backend(), "iptables"]))
 
 
+def lb_state(netns: str) -> tuple[set[str], set[str]]:
+    """(VIPs, DNAT targets) of svcnet's VIP rules in ``netns``, whichever backend wrote them:
+    iptables' ``-d VIP/32 -j SVCNET-S-*`` and ``--to-destination`` rules, and the keys of
+    nftables' ``services`` map (and ``empty`` set) and values of its ``backends`` map."""
+    import re
+    nat = nat_rules(netns)
+    vips = set(re.findall(r"-A SVCNET-VIPS -d ([\d.]+)/32", nat))
+    targets = set(re.findall(r"--to-destination ([\d.]+)\b(?!:)", nat))
+    listing = subprocess.run(["nsenter", f"--net={netns}", "nft", "-j", "list", "table", "ip", "svcnet"],
+                             capture_output=True, text=True)
+    if listing.returncode == 0:
+        for entry in json.loads(listing.stdout)["nftables"]:
+            found = entry.get("map") or entry.get("set") or {}
+            for element in found.get("elem", []):
+                if found["name"] == "services":
+                    vips.add(element[0])
+                elif found["name"] == "empty":
+                    vips.add(element)
+                elif found["name"] == "backends":
+                    targets.add(element[1])
+    return vips, targets
+
+
 def lb_rules(netns: str, backend: str) -> str:
     """What svcnet's load balancer holds in ``netns``, without counters: the legacy iptables
     rules, plus IPVS's table (ipvs) or svcnet's nftables table (nftables). Reading the

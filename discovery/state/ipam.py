@@ -8,7 +8,8 @@ allocators racing never hand out one address twice (see ``registry.py``).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Container
+import itertools
+from collections.abc import Container, Iterator
 
 from discovery.errors import ConflictError, ExhaustedError, ValidationError
 
@@ -29,6 +30,27 @@ def first_free(network: Network, subnet: Subnet, taken: Container[Address]) -> A
             break
         return candidate
     raise ExhaustedError(
+        f"network {network.name!r} has no free address left in {subnet}; "
+        "remove endpoints or services from it, or create a network with a larger subnet"
+    )
+
+
+def candidates(network: Network, subnet: Subnet, start: int) -> Iterator[tuple[int, Address]]:
+    """Usable addresses of ``subnet`` by offset, from ``start`` to the end, then from the
+    beginning: the registry tries them by key (a freed address is reused only after the
+    search wraps, as Docker's allocator does, so a just-freed address's caches can go)."""
+    reserved = network.reserved()
+    size = subnet.num_addresses
+    last = size - 1 if subnet.version == 4 else size  # an IPv4 broadcast address is never given
+    start = start if 1 <= start < last else 1
+    for offset in itertools.chain(range(start, last), range(1, start)):
+        candidate = subnet.network_address + offset
+        if candidate not in reserved:
+            yield offset, candidate
+
+
+def exhausted(network: Network, subnet: Subnet) -> ExhaustedError:
+    return ExhaustedError(
         f"network {network.name!r} has no free address left in {subnet}; "
         "remove endpoints or services from it, or create a network with a larger subnet"
     )

@@ -10,6 +10,9 @@ All keys live under a prefix (default ``/svcnet``)::
     <prefix>/ipam/<network>/<address>         claim of an address  (leased if an endpoint's)
     <prefix>/names/<network>/<name>           claim of a DNS name  (leased if an endpoint's)
     <prefix>/ports/<protocol>/<port>          claim of a published port by a service (cluster-wide)
+    <prefix>/members/<service>/<network>/<container>   a task of the service (leased with its endpoint):
+                                              "has it tasks?" is one range count, not a listing
+    <prefix>/ipam-next/<network>/<4|6>        where the next free-address search starts
 
 A claim's value is JSON ``{"kind": "container"|"service", "owner": NAME, "as": ROLE}``;
 claims exist so that uniqueness is enforced by etcd transactions (``version == 0``), not
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("networks", "services", "endpoints", "nodes", "ipam", "names", "ports")
+KINDS = ("networks", "services", "endpoints", "nodes", "ipam", "names", "ports", "members", "ipam-next")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,12 @@ class KeyLayout:
 
     def name_claim(self, network: str, name: str) -> bytes:
         return f"{self.prefix}/names/{network}/{name}".encode()
+
+    def member(self, service: str, network: str, container: str) -> bytes:
+        return f"{self.prefix}/members/{service}/{network}/{container}".encode()
+
+    def ipam_cursor(self, network: str, version: int) -> bytes:
+        return f"{self.prefix}/ipam-next/{network}/{version}".encode()
 
     def port_claim(self, protocol: str, port: int) -> bytes:
         return f"{self.prefix}/ports/{protocol}/{port}".encode()

@@ -4,6 +4,10 @@ Consumers (DNS tables, the LB plan, the agent's bridge sync) read only the View;
 on a hot path reads etcd. A new View is built by applying a batch of key changes to the
 old one, so unchanged objects are shared between snapshots.
 
+Its tables are persistent maps (``immutables.Map``, a HAMT): a batch of changes costs
+O(changes x log n), not a copy of every table (a copy-per-batch View spent ~19 ms per
+change at 10,000 services x 3 tasks).
+
 The View also holds one :class:`NetworkSlice` per network: its services and endpoints. A
 new View shares every slice whose network the batch did not touch, so a consumer that
 works per network (name tables, VIP plans) keeps what it built for an unchanged slice,
@@ -19,7 +23,8 @@ import time
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
+
+from immutables import Map, MapMutation
 
 from discovery.errors import ValidationError
 
@@ -29,8 +34,11 @@ from .model import Endpoint, Network, Node, Service
 log = logging.getLogger(__name__)
 
 
-def _empty() -> Mapping:
-    return MappingProxyType({})
+_EMPTY: Map = Map()
+
+
+def _empty() -> Map:
+    return _EMPTY
 
 
 # kind in the key layout -> (model type, number of key parts after the kind)
@@ -93,7 +101,7 @@ class View:
 
     def apply(self, changes: Iterable[Change], revision: int, keys: KeyLayout) -> View:
         """A new View with ``changes`` applied; bad values are logged and left out."""
-        tables = {
+        tables: dict[str, MapMutation | None] = {
             "networks": None, "services": None, "endpoints": None, "nodes": None,
         }
         current = {"networks": self.networks, "services": self.services,
@@ -112,7 +120,7 @@ class View:
                 log.warning("skipping key with unexpected shape key=%s", change.key.decode(errors="replace"))
                 continue
             if tables[kind] is None:
-                tables[kind] = dict(current[kind])
+                tables[kind] = current[kind].mutate()
             table = tables[kind]
             ident = parts if arity > 1 else parts[0]
             if change.value is None:
@@ -138,15 +146,15 @@ class View:
                     service_moves.setdefault(network, {})[ident] = obj
             elif kind == "endpoints":
                 endpoint_moves.setdefault(ident[0], {})[ident[1]] = obj
-        frozen = {k: MappingProxyType(v) if v is not None else current[k] for k, v in tables.items()}
+        frozen = {k: v.finish() if v is not None else current[k] for k, v in tables.items()}
         touched |= service_moves.keys() | endpoint_moves.keys()
         slices = self.slices
         if touched:
-            slices = dict(slices)
+            changing = slices.mutate()
             for network in touched:
-                _reslice(slices, network, frozen["networks"].get(network),
+                _reslice(changing, network, frozen["networks"].get(network),
                          service_moves.get(network, {}), endpoint_moves.get(network, {}))
-            slices = MappingProxyType(slices)
+            slices = changing.finish()
         return View(revision=revision, slices=slices, **frozen)
 
     @classmethod
@@ -154,13 +162,13 @@ class View:
         return cls().apply((Change(k, v) for k, v in kvs), revision, keys)
 
 
-def _reslice(slices: dict[str, NetworkSlice], name: str, network: Network | None,
+def _reslice(slices: MapMutation, name: str, network: Network | None,
              service_moves: Mapping[str, Service | None], endpoint_moves: Mapping[str, Endpoint | None]) -> None:
     """Replace network ``name``'s slice with one that has the moves applied (or drop it when
     nothing is left on it)."""
     old = slices.get(name)
-    services = _moved(old.services if old else {}, service_moves)
-    endpoints = _moved(old.endpoints if old else {}, endpoint_moves)
+    services = _moved(old.services if old else _EMPTY, service_moves)
+    endpoints = _moved(old.endpoints if old else _EMPTY, endpoint_moves)
     if network is None and not services and not endpoints:
         slices.pop(name, None)
     elif old is None:
@@ -170,16 +178,16 @@ def _reslice(slices: dict[str, NetworkSlice], name: str, network: Network | None
                                     frozenset(service_moves), frozenset(endpoint_moves))
 
 
-def _moved(table: Mapping, moves: Mapping) -> Mapping:
+def _moved(table: Map, moves: Mapping) -> Map:
     if not moves:
         return table
-    result = dict(table)
+    result = table.mutate()
     for ident, obj in moves.items():
         if obj is None:
             result.pop(ident, None)
         else:
             result[ident] = obj
-    return MappingProxyType(result)
+    return result.finish()
 
 
 def decode(model, key: bytes, raw: bytes):

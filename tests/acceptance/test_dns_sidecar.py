@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.acceptance.test_dns import _status, _wait
-from tests.helpers import nat_rules, require_tools
+from tests.helpers import lb_state, nat_rules, require_tools
 
 
 @pytest.fixture(autouse=True)
@@ -81,9 +81,10 @@ def test_sidecar_sigterm_deregisters_at_once(cli):
     sidecar = _sidecar(cli, netns, "job", net, "--lease-ttl", "30")
     try:
         assert _wait(lambda: cli.short(client, "job"), 10, step=0.2)
-        assert f"-d {vip}/32" in nat_rules(f"/run/netns/{netns}"), "the sidecar programs the netns's VIPs too"
+        assert vip in lb_state(f"/run/netns/{netns}")[0], "the sidecar programs the netns's VIPs too"
         assert _stop(sidecar) == 0
         assert "SVCNET" not in nat_rules(f"/run/netns/{netns}"), "and takes its rules out of a netns it does not own"
+        assert lb_state(f"/run/netns/{netns}") == (set(), set()), "nftables too"
         assert _status(cli.dig(client, "job")) == "NXDOMAIN", "deregistered before exiting, not after 30 s"
         links = subprocess.run(["ip", "-n", netns, "-o", "link"], capture_output=True, text=True).stdout
         assert "eth0" not in links, "and detached from the netns"

@@ -24,7 +24,7 @@ import pytest
 from discovery.procs import pid_alive
 from discovery.state import snapshot
 from discovery.state.model import Network, Service
-from tests.helpers import Cli, TcpProxy, nat_rules, require_root, require_tools, wait
+from tests.helpers import Cli, TcpProxy, lb_state, require_root, require_tools, wait
 
 
 @pytest.fixture(autouse=True)
@@ -407,9 +407,9 @@ def test_exited_task_leaves_answers_and_vip_within_a_second_and_ps_shows_its_cod
     cli.run("run", "-d", "--name", client, "--network", net)
     address = cli.json("ps")[[r["name"] for r in cli.json("ps")].index(task)]["endpoints"][0]["ipv4"]
     assert dig_short(cli, client, "tasks.job") == [address]
-    assert f"--to-destination {address}" in nat_rules(cli.netns(client)), "the task is a VIP backend"
+    assert address in lb_state(cli.netns(client))[1], "the task is a VIP backend"
     wait_until(lambda: dig_short(cli, client, "tasks.job") == [] and
-               f"--to-destination {address}" not in nat_rules(cli.netns(client)), 10,
+               address not in lb_state(cli.netns(client))[1], 10,
                "task out of answers and VIP backends", every=0.02)
     gone_at = time.time()
     took = gone_at - float(stamp.read_text())
@@ -490,7 +490,7 @@ def test_unparsable_value_is_logged_once_and_the_last_good_version_stays(cli):
     cli.run("service", "create", "web", "--network", net)
     cli.run("run", "-d", "--name", client, "--network", net)
     vip = cli.json("service", "inspect", "web")["vips"][net]
-    assert f"-d {vip}/32" in nat_rules(cli.netns(client))
+    assert vip in lb_state(cli.netns(client))[0]
     bridge = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True).stdout
     service_key, network_key = f"{cli.prefix}/services/web", f"{cli.prefix}/networks/{net}"
     etcdctl(cli, "put", service_key, "{not json")
@@ -499,7 +499,7 @@ def test_unparsable_value_is_logged_once_and_the_last_good_version_stays(cli):
     cli.run("network", "create", cli.name("other"), "--subnet", "10.181.0.0/24")  # more View changes
     time.sleep(0.5)
     assert dig_short(cli, client, "web") == [vip], "a bad service value deleted its names"
-    assert f"-d {vip}/32" in nat_rules(cli.netns(client)), "a bad service value deleted the VIP's rules"
+    assert vip in lb_state(cli.netns(client))[0], "a bad service value deleted the VIP's rules"
     assert subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True,
                           text=True).stdout.count("svbr") >= bridge.count("svbr"), "a bad network value removed its bridge"
     assert subprocess.run(["nsenter", f"--net={cli.netns(client)}", "ping", "-c1", "-W1", "10.180.0.1"],

@@ -94,6 +94,49 @@ def test_requested_addresses_and_exhaustion(etcd, prefix):
     run(scenario())
 
 
+def test_a_freed_address_is_reused_only_after_the_search_wraps(etcd, prefix):
+    """Addresses are searched by key from a cursor, not by listing every claim: a freed
+    address waits until the search comes round again (its ARP and DNS caches can go)."""
+    async def scenario():
+        client, reg = await _registry(etcd.url, prefix)
+        await reg.create_network(Network.create("cur", "10.37.0.0/29"))  # .2 .. .6 usable
+        lease = (await client.lease(30)).id
+        got = [str((await reg.register_sandbox(SandboxRequest(f"c{i}", ("cur",), "n1"), lease))[0].ipv4)
+               for i in range(3)]
+        assert got == ["10.37.0.2", "10.37.0.3", "10.37.0.4"]
+        await reg.deregister_sandbox("c0", ["cur"], "n1")
+        [next_one] = await reg.register_sandbox(SandboxRequest("c3", ("cur",), "n1"), lease)
+        assert str(next_one.ipv4) == "10.37.0.5", "not the address freed a moment ago"
+        [last] = await reg.register_sandbox(SandboxRequest("c4", ("cur",), "n1"), lease)
+        [wrapped] = await reg.register_sandbox(SandboxRequest("c5", ("cur",), "n1"), lease)
+        assert (str(last.ipv4), str(wrapped.ipv4)) == ("10.37.0.6", "10.37.0.2"), "round again: .2 is free"
+        await client.close()
+    run(scenario())
+
+
+def test_a_service_knows_its_tasks_by_key_and_a_joining_task_stops_its_removal(etcd, prefix):
+    async def scenario():
+        client, reg = await _registry(etcd.url, prefix)
+        keys = KeyLayout(prefix)
+        await reg.create_network(Network.create("mem", "10.38.0.0/24"))
+        await reg.create_service(Service("api", ("mem",)))
+        lease = (await client.lease(30)).id
+        await reg.register_sandbox(SandboxRequest("t1", ("mem",), "n1", service="api"), lease)
+        members = [kv.key for kv in await client.get_prefix(keys.kind_prefix("members", "api"))]
+        assert members == [keys.member("api", "mem", "t1")]
+        with pytest.raises(ConflictError, match=r"still has tasks \(t1\)"):
+            await reg.remove_service("api")
+        # re-registered without the service: no longer a task
+        await reg.register_sandbox(SandboxRequest("t1", ("mem",), "n1"), lease)
+        assert list(await client.get_prefix(keys.kind_prefix("members", "api"))) == []
+        await reg.remove_service("api")
+        await reg.deregister_sandbox("t1", ["mem"], "n1")
+        await reg.remove_network("mem")
+        assert [kv.key for kv in await client.get_prefix(keys.root())] == []
+        await client.close()
+    run(scenario())
+
+
 def _allocate_many(url, prefix, worker, count, queue):
     async def scenario():
         client, reg = await _registry(url, prefix)

@@ -22,7 +22,7 @@ def test_apply_puts_and_deletes():
     assert view.revision == 5 and set(view.networks) == {"a"}
     assert view.endpoints[("a", "c1")].ipv4.exploded == "10.1.0.2"
     later = view.apply([Change(b"/t/endpoints/a/c1", None)], 6, KEYS)
-    assert later.endpoints == {} and view.endpoints  # the old snapshot is unchanged
+    assert not later.endpoints and view.endpoints  # the old snapshot is unchanged
     assert later.networks is view.networks  # untouched tables are shared, not copied
 
 
