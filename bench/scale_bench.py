@@ -14,9 +14,19 @@ changes as the watcher builds them and the agent's own sync loop (``lb.sync.LbSy
   first_packet_ratio   TCP connect time to the VIP added last over the first one (a task
                        netns answers; 300 connects each, alternating, medians)
 
+Then, with its own etcd and a real agent (``--registry``, on by default): 10,000 services
+loaded into etcd in bulk (the registry's own layout), then
+
+  create_10k_ms        one service created through the registry (p50 of 20)
+  dns_change_10k_ms    a new service until a query from a sandbox answers it (p99 of 20;
+                       a UDP socket in the sandbox asks every millisecond)
+  dns_stall_max_ms     the longest wait for an answer in a 1 ms query loop while 100
+                       services are created
+  agent_rss_mb_100sb   the agent's resident memory with 100 sandboxes among 10,000 services
+
 The last line is one JSON object: ``backend`` (what auto chose) and the figures per
-backend. Fields of the issue's list that belong to parts not built yet (the registry and
-DNS figures) are left out, not guessed. iptables is measured at --iptables-services
+backend. Fields of the issue's list that belong to parts not built yet (the forwarder's
+negative cache: ``nx_mix_qps_ratio``) are left out, not guessed. iptables is measured at --iptables-services
 (default 2,000: at 10,000 one load takes minutes) and only in one sandbox; the JSON says so.
 Everything it makes is named ``scb*`` and removed, also after a crash (``--sweep``).
 """
@@ -30,6 +40,7 @@ import multiprocessing
 import secrets
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -245,6 +256,164 @@ def first_packet_ratio(client: str, services: int, samples: int = 300) -> float:
         subprocess.run(["ip", "-n", client.rsplit("/", 1)[-1], "link", "del", "eth0"], capture_output=True)
 
 
+# ---- registry and DNS, with a real agent --------------------------------------------
+
+def _query(name: str, query_id: int) -> bytes:
+    header = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return header + labels + struct.pack("!HH", 1, 1)
+
+
+def _answered(reply: bytes) -> bool:
+    """NOERROR with at least one answer."""
+    return len(reply) >= 12 and reply[3] & 0x0F == 0 and struct.unpack("!H", reply[6:8])[0] > 0
+
+
+class Prober:
+    """A UDP socket inside a sandbox asking 127.0.0.11."""
+
+    def __init__(self, netns: str) -> None:
+        with netlink.entered_netns(netns):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.settimeout(1.0)
+        self.sock.connect(("127.0.0.11", 53))
+        self.next_id = 1
+
+    def ask(self, name: str) -> bool:
+        self.next_id = (self.next_id + 1) & 0xFFFF
+        self.sock.send(_query(name, self.next_id))
+        while True:
+            reply = self.sock.recv(4096)
+            if reply[:2] == struct.pack("!H", self.next_id):
+                return _answered(reply)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def measure_registry_dns(services: int, sandboxes: int) -> dict:
+    import os
+    import shutil
+    import tempfile
+    import threading
+
+    from discovery.node.client import ApiClient
+    from discovery.state.etcd import connect
+    from discovery.state.etcd_local import EtcdProcess, free_port
+    from discovery.state.registry import Claim, Registry
+
+    figures: dict = {}
+    home = Path(tempfile.mkdtemp(prefix="svcnet-scale-"))
+    member = EtcdProcess(home / "etcd", free_port(), free_port())
+    member.start()
+    prefix, node = f"/svcnet-scale-{RUN}", f"node-{RUN}"
+    keys = KeyLayout(prefix)
+    env = dict(os.environ, SVCNET_ETCD=member.url, SVCNET_PREFIX=prefix, SVCNET_STATE_DIR=str(home / "state"),
+               SVCNET_NODE=node)
+    network = "scale"
+    subnet = IPv4Network("10.64.0.0/16")
+    agent_pid = None
+    created: list[str] = []
+
+    def svcnet(*argv: str) -> None:
+        subprocess.run([sys.executable, "-m", "discovery.cli", *argv], env=env, check=True, capture_output=True)
+
+    async def bulk_load() -> None:
+        client = await connect(member.url)
+        txn = client.transactions
+        ops = []
+        for index in range(services):
+            name, vip = f"s{index}", subnet.network_address + 2 + index
+            service = Service(name, (network,), vips={network: vip})
+            ops += [txn.put(keys.service(name), _json(service)),
+                    txn.put(keys.name_claim(network, name), Claim("service", name, "name").encode()),
+                    txn.put(keys.address_claim(network, vip), Claim("service", name, "vip").encode())]
+            if len(ops) >= 120:
+                await client.transaction(compare=[], success=ops, failure=[])
+                ops = []
+        ops.append(txn.put(keys.ipam_cursor(network, 4), str(services + 2).encode()))
+        await client.transaction(compare=[], success=ops, failure=[])
+        await client.close()
+
+    async def timed_creates(names: list[str]) -> list[float]:
+        client = await connect(member.url)
+        registry = Registry(client, keys)
+        times = []
+        for name in names:
+            started = time.perf_counter()
+            await registry.create_service(Service(name, (network,)))
+            times.append((time.perf_counter() - started) * 1000)
+        await client.close()
+        return times
+
+    try:
+        svcnet("network", "create", network, "--subnet", str(subnet))
+        loaded = time.perf_counter()
+        asyncio.run(bulk_load())
+        print(f"  {services} services loaded into etcd in {time.perf_counter() - loaded:.1f} s", file=sys.stderr)
+        svcnet("ps")  # starts the agent
+        agent_pid = int((home / "state" / "agent.pid").read_text())
+        api = ApiClient(home / "state" / "agent.sock", timeout=600)
+        first = api.call("POST", "/v1/sandboxes", {"name": f"{RUN}-sb0", "networks": [network]})
+        created.append(f"{RUN}-sb0")
+        prober = Prober(first["netns"])
+        deadline = time.monotonic() + 120
+        while not prober.ask(f"s{services - 1}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        names = [f"new{i}" for i in range(20)]
+        figures["create_10k_ms"] = round(statistics.median(asyncio.run(timed_creates(names))), 2)
+        waits = []
+        for i in range(20):
+            name = f"dns{i}"
+            started = time.perf_counter()
+            asyncio.run(timed_creates([name]))
+            while not prober.ask(name):
+                time.sleep(0.001)
+            waits.append((time.perf_counter() - started) * 1000)
+        figures["dns_change_10k_ms"] = round(sorted(waits)[int(0.99 * (len(waits) - 1))], 1)
+        gaps: list[float] = []
+        stop = threading.Event()
+
+        def loop() -> None:
+            last = time.perf_counter()
+            while not stop.is_set():
+                prober.ask("s1")
+                now = time.perf_counter()
+                gaps.append((now - last) * 1000)
+                last = now
+                time.sleep(0.001)
+        runner = threading.Thread(target=loop)
+        runner.start()
+        asyncio.run(timed_creates([f"stall{i}" for i in range(100)]))
+        stop.set()
+        runner.join()
+        prober.close()
+        figures["dns_stall_max_ms"] = round(max(gaps), 2)
+        figures["dns_loop_p50_ms"] = round(statistics.median(gaps), 2)
+        made = time.perf_counter()
+        for index in range(1, sandboxes):
+            api.call("POST", "/v1/sandboxes", {"name": f"{RUN}-sb{index}", "networks": [network]})
+            created.append(f"{RUN}-sb{index}")
+        print(f"  {sandboxes} sandboxes made in {time.perf_counter() - made:.1f} s", file=sys.stderr)
+        with open(f"/proc/{agent_pid}/status") as status:
+            rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        figures["agent_rss_mb_100sb"] = round(rss_kb / 1024, 1)
+    finally:
+        for name in created:
+            subprocess.run([sys.executable, "-m", "discovery.cli", "rm", name], env=env, capture_output=True)
+        if agent_pid is not None:
+            try:
+                os.kill(agent_pid, 15)
+            except ProcessLookupError:
+                pass
+            time.sleep(1)
+        from discovery.host import firewall
+        firewall.remove(prefix)
+        member.stop()
+        shutil.rmtree(home, ignore_errors=True)
+    return figures
+
+
 def sweep() -> None:
     """Remove what a crashed run left (namespaces and bridges named scb*)."""
     for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines():
@@ -263,6 +432,7 @@ def main() -> None:
     parser.add_argument("--sandboxes", type=int, default=100)
     parser.add_argument("--iptables-services", type=int, default=2_000,
                         help="services for the iptables backend (default 2,000; 0 leaves it out)")
+    parser.add_argument("--no-registry", action="store_true", help="leave out the etcd, agent and DNS figures")
     parser.add_argument("--sweep", action="store_true", help="only remove what a crashed run left")
     args = parser.parse_args()
     sweep()
@@ -274,6 +444,10 @@ def main() -> None:
     print(f"building a View of {args.services} services x 3 tasks ...", file=sys.stderr)
     figures.update(measure_backend(chosen, args.services, args.sandboxes, views))
     print(f"{chosen}: {json.dumps(figures)}", file=sys.stderr)
+    if not args.no_registry:
+        print(f"registry and DNS: {args.services} services, a real agent, {args.sandboxes} sandboxes ...",
+              file=sys.stderr)
+        figures.update(measure_registry_dns(args.services, args.sandboxes))
     if chosen != "iptables" and args.iptables_services:
         print(f"iptables at {args.iptables_services} services, one sandbox ...", file=sys.stderr)
         figures["iptables"] = measure_backend("iptables", args.iptables_services, 1, views)

@@ -12,6 +12,7 @@ NETNS_PREFIX = "svcnet-"  # sandboxes' names under /run/netns
 VXLAN_PORT = 4789  # IANA's VXLAN port: every host of a cluster must use the same
 
 UPSTREAM_TIMEOUT = 1.5  # seconds per upstream try before the next (Docker waits 4)
+DNS_CACHE_BYTES = 32 * 1024 * 1024  # reply caches of every sandbox together (--dns-cache-mb)
 MAX_INFLIGHT = 1024  # forwards in flight per sandbox, then REFUSED (as Docker)
 TCP_IDLE_TIMEOUT = 5.0  # seconds an idle DNS-over-TCP connection stays open
 MAX_TCP_CLIENTS = 128  # DNS-over-TCP connections per sandbox

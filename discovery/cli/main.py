@@ -305,6 +305,9 @@ def _resolver_options(parser: argparse.ArgumentParser, metrics_env: str, metrics
     group.add_argument("--ttl-negative", type=int, default=defaults.TTL_NEGATIVE, metavar="SECONDS",
                        help="TTL of NODATA/NXDOMAIN: a name about to appear must not stay hidden "
                             "(default %(default)s)")
+    group.add_argument("--dns-cache-mb", type=float, default=defaults.DNS_CACHE_BYTES / 2**20, metavar="MB",
+                       help="memory for memoized replies, every sandbox together; least used go first "
+                            "(default %(default)g; svcnet_dns_cache_bytes in /metrics)")
     group.add_argument("--metrics-addr", default=os.environ.get(metrics_env, metrics_default), metavar="HOST:PORT",
                        help="serve Prometheus metrics here; '' turns them off; port 0 picks one "
                             f"(env {metrics_env}; default {metrics_default or 'off'})")
@@ -325,8 +328,10 @@ def _resolver_config(args):
     ttls = Ttls(args.ttl_vip, args.ttl_name, args.ttl_tasks, args.ttl_negative)
     if min(ttls.vip, ttls.name, ttls.tasks, ttls.negative) < 0:
         raise SvcnetError("TTLs cannot be negative")
+    if args.dns_cache_mb < 0:
+        raise SvcnetError("--dns-cache-mb cannot be negative (0 memoizes nothing)")
     return ResolverConfig(tuple(upstreams), args.upstream_timeout, args.max_inflight, args.tcp_idle_timeout,
-                          ttls=ttls)
+                          ttls=ttls, cache_bytes=int(args.dns_cache_mb * 2**20))
 
 
 def _metrics_address(args) -> tuple[str, int] | None:

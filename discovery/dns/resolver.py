@@ -7,9 +7,10 @@ in the netns it was made in, so one process serves every sandbox, and which sand
 is known from the socket the query came in on.
 
 Hot path (UDP): look the query up, minus its two ID octets, in the scope's reply cache; on
-a hit send ID + cached bytes. That cache is filled by the slow path (parse, look up in the
-View's records, pack) and emptied whenever the View changes, so a query never waits on
-etcd and answers follow the registry within one View update. Forwarding runs as a task per
+a hit send ID + cached bytes. That cache (``cache.py``) is filled by the slow path (parse,
+look the normalized question up, else look up in the View's records and pack); a View
+change drops only the entries of the names it touched, so a query never waits on etcd and
+answers follow the registry within one View update. Forwarding runs as a task per
 query, bounded per sandbox.
 """
 
@@ -22,7 +23,7 @@ import socket
 import struct
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from discovery import defaults
@@ -33,14 +34,15 @@ from discovery.state.view import View
 
 from . import records as records_mod
 from . import wire as w
-from .answers import PROBE_NAME, PROBE_TEXT, Answers, Entry, Ttls, error_entry, pack
+from .answers import INTERNAL_ZONE, PROBE_NAME, PROBE_TEXT, Answers, Entry, Ttls, error_entry, pack
+from .cache import Budget, ReplyCache, with_question
 from .forward import Forwarder, Upstream, truncated
 
 log = logging.getLogger(__name__)
 
+INTERNAL_SUFFIX = "." + INTERNAL_ZONE
 LISTEN_ADDRESS = "127.0.0.11"
 LISTEN_PORT = 53
-CACHE_LIMIT = 8192  # memoized replies per sandbox and transport; a flood of random names clears it
 TCP_MAX = 65535
 # Replies queued for one TCP client beyond what its socket took. asyncio's transport buffers
 # whatever is written without limit, so a client that pipelines queries but never reads its
@@ -58,6 +60,7 @@ class ResolverConfig:
     tcp_idle_timeout: float = defaults.TCP_IDLE_TIMEOUT
     max_tcp_clients: int = defaults.MAX_TCP_CLIENTS  # per sandbox
     ttls: Ttls = field(default_factory=Ttls)
+    cache_bytes: int = defaults.DNS_CACHE_BYTES  # every sandbox's reply caches together
 
 
 class Scope:
@@ -65,15 +68,16 @@ class Scope:
 
     __slots__ = ("name", "netns", "attached", "forward", "inflight", "tcp_clients", "udp_cache", "tcp_cache")
 
-    def __init__(self, name: str, netns: str, attached: Iterable[str]) -> None:
+    def __init__(self, name: str, netns: str, attached: Iterable[str], budget: Budget | None = None) -> None:
         self.name = name
         self.netns = netns
         self.attached = tuple(attached)
         self.forward = True
         self.inflight = 0
         self.tcp_clients = 0
-        self.udp_cache: dict[bytes, Entry] = {}
-        self.tcp_cache: dict[bytes, Entry] = {}
+        budget = budget if budget is not None else Budget(defaults.DNS_CACHE_BYTES)
+        self.udp_cache = ReplyCache(budget)
+        self.tcp_cache = ReplyCache(budget)
 
 
 class Resolver:
@@ -88,6 +92,7 @@ class Resolver:
         self.forwarder = Forwarder(list(config.upstreams), config.upstream_timeout, metrics)
         self._tasks: set[asyncio.Task] = set()
         self._folded: Tally = Tally()  # (qtype, rcode, truncated) -> hits of dropped cache entries
+        self.budget = Budget(config.cache_bytes)
         self.queries = metrics.counter("svcnet_dns_queries_total", "Queries answered, by type, rcode and source.",
                                        ("qtype", "rcode", "source"))
         self.truncations = metrics.counter("svcnet_dns_truncated_total",
@@ -107,21 +112,35 @@ class Resolver:
         metrics.gauge("svcnet_dns_sandboxes", "Sandboxes this process answers for.", lambda: len(self.scopes))
         metrics.gauge("svcnet_dns_forwards_in_flight", "Forwarded queries waiting for an upstream.",
                       lambda: sum(s.inflight for s in self.scopes))
+        metrics.gauge("svcnet_dns_cache_bytes", "Bytes held by the reply caches of every sandbox.",
+                      lambda: self.budget.used)
+        metrics.gauge("svcnet_dns_cache_budget_bytes", "The reply caches' memory budget (--dns-cache-mb).",
+                      lambda: self.budget.limit)
+        metrics.gauge("svcnet_dns_cache_entries", "Replies memoized, over every sandbox.", lambda: self.budget.entries)
+        self.cache_evictions = metrics.counter("svcnet_dns_cache_evictions_total",
+                                               "Memoized replies evicted to stay within the budget.")
+        self.cache_invalidations = metrics.counter("svcnet_dns_cache_invalidations_total",
+                                                   "Memoized replies dropped because their name changed.")
         metrics.on_collect(self._collect)
         if not self.forwarder.upstreams:
             log.warning("no upstream resolvers: names that are not local get SERVFAIL; pass --upstream")
 
     # ---- state --------------------------------------------------------------------------
 
+    def scope(self, name: str, netns: str, attached: Iterable[str]) -> Scope:
+        """A new scope whose caches count against this resolver's budget."""
+        return Scope(name, netns, attached, self.budget)
+
     def update(self, view: View) -> None:
-        """Rebuild the answer tables for a new View and forget every memoized reply."""
+        """Update the answer tables for a new View; forget only the replies it changed."""
         started = time.perf_counter()
-        self.answers = Answers(records_mod.build(view, self.answers.records), self.config.ttls)
+        records = records_mod.build(view, self.answers.records)
+        self.answers = Answers(records, self.config.ttls)
         self.view = view
         self.view_updated = time.monotonic()
         for scope in self.scopes:
-            self._refresh(scope)
-        log.debug("answers rebuilt revision=%s took_ms=%.2f", view.revision, (time.perf_counter() - started) * 1000)
+            self._refresh(scope, records.changes)
+        log.debug("answers updated revision=%s took_ms=%.2f", view.revision, (time.perf_counter() - started) * 1000)
 
     def add_scope(self, scope: Scope) -> None:
         self._refresh(scope)
@@ -129,31 +148,46 @@ class Resolver:
 
     def remove_scope(self, scope: Scope) -> None:
         self.scopes.discard(scope)
-        self._drop_cache(scope.udp_cache)
-        self._drop_cache(scope.tcp_cache)
+        self._fold(scope.udp_cache.clear())
+        self._fold(scope.tcp_cache.clear())
 
     def set_attached(self, scope: Scope, attached: Iterable[str]) -> None:
         scope.attached = tuple(attached)
         self._refresh(scope)
 
-    def _refresh(self, scope: Scope) -> None:
+    def _refresh(self, scope: Scope, changes: Mapping[str, frozenset[str] | None] | None = None) -> None:
+        """``changes``: per network, the names and pointers that changed (None: all of them);
+        without it, every reply of the scope goes."""
         networks = self.view.networks
         known = [networks[n] for n in scope.attached if n in networks]
         # a sandbox only on --internal networks never reaches outside, not even by DNS
-        scope.forward = not known or any(not n.internal for n in known)
-        self._drop_cache(scope.udp_cache)
-        self._drop_cache(scope.tcp_cache)
+        forward = not known or any(not n.internal for n in known)
+        touched = [changes[n] for n in scope.attached if n in changes] if changes is not None else [None]
+        if forward != scope.forward or any(names is None for names in touched):
+            scope.forward = forward
+            self._fold(scope.udp_cache.clear())
+            self._fold(scope.tcp_cache.clear())
+            return
+        tags = set().union(*touched) if touched else set()
+        if tags:
+            for cache in (scope.udp_cache, scope.tcp_cache):
+                dropped = cache.drop(tags)
+                self.cache_invalidations.inc(amount=len(dropped))
+                self._fold(dropped)
 
-    def _drop_cache(self, cache: dict[bytes, Entry]) -> None:
-        for entry in cache.values():
-            self._folded[(entry.qtype, entry.rcode, entry.truncated)] += entry.hits
-        cache.clear()
+    def _fold(self, entries: Iterable[Entry]) -> None:
+        seen = set()
+        for entry in entries:
+            if id(entry) not in seen:  # one entry may sit under a raw and a normalized key
+                seen.add(id(entry))
+                self._folded[(entry.qtype, entry.rcode, entry.truncated)] += entry.hits
 
     def _collect(self) -> None:
         totals = Tally(self._folded)
+        self.cache_evictions.values[()] = self.budget.evicted
         for scope in self.scopes:
             for cache in (scope.udp_cache, scope.tcp_cache):
-                for entry in cache.values():
+                for entry in {id(e): e for e in cache.entries()}.values():
                     totals[(entry.qtype, entry.rcode, entry.truncated)] += entry.hits
         truncated_hits = 0
         local = {}
@@ -178,19 +212,29 @@ class Resolver:
             if exc.reply is not None:
                 send(exc.reply)
             return
+        cache = scope.udp_cache if udp else scope.tcp_cache
+        limit = query.udp_limit() if udp else TCP_MAX
+        normal = (b".".join(label.lower() for label in query.labels), query.qtype, query.qclass, query.rd,
+                  query.dnssec_ok, query.edns_size is not None, limit)
+        tag = _tag(query, scope.attached)
+        known = cache.normal.get(normal)
+        if known is not None:  # the same question in another case, ID or EDNS options
+            copy = with_question(known, query.question)
+            copy.hits = 1
+            cache.put(data[2:], copy, tag)
+            send(copy.reply(data[:2]))
+            return
         local = self.answers.lookup(scope.attached, query)
         if local is None and not scope.forward:
             local_entry = error_entry(query, w.REFUSED)
         elif local is not None:
-            local_entry = pack(query, local, query.udp_limit() if udp else TCP_MAX)
+            local_entry = pack(query, local, limit)
         else:
             self._forward(data, query, scope, udp, send)
             return
-        cache = scope.udp_cache if udp else scope.tcp_cache
-        if len(cache) >= CACHE_LIMIT:
-            self._drop_cache(cache)
         local_entry.hits = 1
-        cache[data[2:]] = local_entry
+        cache.put(normal, local_entry, tag)
+        cache.put(data[2:], local_entry, tag)
         send(local_entry.reply(data[:2]))
 
     def _forward(self, data: bytes, query: w.Query, scope: Scope, udp: bool, send: Callable[[bytes], None]) -> None:
@@ -219,6 +263,19 @@ class Resolver:
         send(reply)
 
 
+def _tag(query: w.Query, attached: tuple[str, ...]) -> str:
+    """The name a query is looked up under in the network tables (what a change names):
+    ``web``, ``tasks.web``, a reverse name; ``<name>.<network>``, ``<name>.svcnet.internal``
+    and an SRV's ``_<port>._<proto>.<svc>`` reduced to it."""
+    name = query.name or ""
+    if name.endswith(INTERNAL_SUFFIX):
+        name = name[: -len(INTERNAL_SUFFIX)]
+    if name.startswith("_") and name.count(".") >= 2:
+        name = name.split(".", 2)[2]
+    head, _, last = name.rpartition(".")
+    return head if head and last in attached else name
+
+
 # ---- transports ---------------------------------------------------------------------------
 
 class UdpServer(asyncio.DatagramProtocol):
@@ -231,7 +288,7 @@ class UdpServer(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
-        entry = self.scope.udp_cache.get(data[2:])
+        entry = self.scope.udp_cache.raw.get(data[2:])
         if entry is not None:
             entry.hits += 1
             static = entry.static
@@ -336,7 +393,7 @@ class TcpConnection(asyncio.Protocol):
             message = bytes(self.buffer[2:2 + length])
             del self.buffer[:2 + length]
             self._arm()
-            entry = self.scope.tcp_cache.get(message[2:])
+            entry = self.scope.tcp_cache.raw.get(message[2:])
             if entry is not None:
                 entry.hits += 1
                 self._send(entry.reply(message[:2]))

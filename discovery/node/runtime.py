@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from discovery import __version__, defaults
-from discovery.dns.resolver import DNAT_HINT, Resolver, ResolverConfig, SandboxServer, Scope
+from discovery.dns.resolver import DNAT_HINT, Resolver, ResolverConfig, SandboxServer
 from discovery.errors import EtcdUnavailableError, SvcnetError
 from discovery.files import write_atomically
 from discovery.host.sandbox import SandboxManager, SandboxRecord, SandboxSpec, restart_delay, should_restart
@@ -151,7 +151,7 @@ class SandboxResolvers:
             if server.scope.attached != tuple(record.networks):
                 self.resolver.set_attached(server.scope, record.networks)
             return True
-        server = SandboxServer(self.resolver, Scope(record.name, record.netns, record.networks))
+        server = SandboxServer(self.resolver, self.resolver.scope(record.name, record.netns, record.networks))
         await server.start()
         self.servers[record.name] = server
         if not await server.check():

@@ -1,0 +1,120 @@
+"""The resolver's reply cache: one entry per question as DNS means it, dropped per changed
+name, bounded by one memory budget. Driven through ``Resolver.slow_path`` and the cache
+the UDP hot path reads (no sockets: the wire bytes are the whole interface)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+from dnslib import EDNS0, DNSRecord, EDNSOption
+
+from discovery.dns.resolver import Resolver, ResolverConfig
+from discovery.metrics import Metrics
+from discovery.state.keys import KeyLayout
+from discovery.state.model import Endpoint, Network, Service
+from discovery.state.view import Change, View
+
+KEYS = KeyLayout("/t")
+FRONT = Network.create("front", "10.1.0.0/24", internal=True)  # nothing is forwarded: unknown names are REFUSED
+ip = ipaddress.ip_address
+
+
+def _put(key: bytes, obj) -> Change:
+    return Change(key, json.dumps(obj.to_dict()).encode())
+
+
+def _view() -> View:
+    return View().apply([
+        _put(KEYS.network("front"), FRONT),
+        _put(KEYS.service("web"), Service("web", ("front",), vips={"front": ip("10.1.0.2")})),
+        _put(KEYS.endpoint("front", "db"), Endpoint("db", "front", ip("10.1.0.3"), "n1")),
+    ], 1, KEYS)
+
+
+def _query(name: str, query_id: int, cookie: bytes | None = None) -> bytes:
+    question = DNSRecord.question(name, "A")
+    question.header.id = query_id
+    if cookie is not None:
+        question.add_ar(EDNS0(udp_len=1232, opts=[EDNSOption(10, cookie)]))
+    return bytes(question.pack())
+
+
+class Harness:
+    def __init__(self, cache_bytes: int = 1 << 20) -> None:
+        self.metrics = Metrics()
+        self.resolver = Resolver(ResolverConfig(cache_bytes=cache_bytes), self.metrics)
+        self.view = _view()
+        self.resolver.update(self.view)
+        self.scope = self.resolver.scope("client", "/nonexistent", ["front"])
+        self.resolver.add_scope(self.scope)
+        assert not self.scope.forward
+
+    def ask(self, data: bytes) -> DNSRecord:
+        """As the UDP server does: the raw-key hot path first, else the slow path."""
+        entry = self.scope.udp_cache.raw.get(data[2:])
+        if entry is not None:
+            entry.hits += 1
+            return DNSRecord.parse(entry.reply(data[:2]))
+        sent: list[bytes] = []
+        self.resolver.slow_path(data, self.scope, True, sent.append)
+        assert len(sent) == 1
+        return DNSRecord.parse(sent[0])
+
+    def change(self, *changes: Change) -> None:
+        self.view = self.view.apply(list(changes), self.view.revision + 1, KEYS)
+        self.resolver.update(self.view)
+
+
+def test_queries_differing_in_id_case_and_cookie_share_one_entry_and_echo_their_case():
+    world = Harness()
+    first = world.ask(_query("web", 1))
+    assert [str(r.rdata) for r in first.rr] == ["10.1.0.2"]
+    assert len(world.scope.udp_cache.normal) == 1
+    spellings = ((2, "WeB", None), (3, "wEb", b"\x01" * 8), (4, "web", b"\x02" * 8), (5, "WEB", b"\x03" * 8))
+    for query_id, name, cookie in spellings:
+        reply = world.ask(_query(name, query_id, cookie))
+        assert reply.header.id == query_id
+        assert str(reply.q.qname) == f"{name}.", "the question comes back in the case it was asked"
+        assert [str(r.rdata) for r in reply.rr] == ["10.1.0.2"]
+        assert str(reply.rr[0].rname).lower() == "web."
+    # with EDNS the reply differs (an OPT record, a larger size): one entry for all the
+    # queries without, one for all those with, whatever their case, ID or client cookie
+    assert len(world.scope.udp_cache.normal) == 2, list(world.scope.udp_cache.normal)
+    again = world.ask(_query("WeB", 9))
+    assert str(again.q.qname) == "WeB." and again.header.id == 9  # now from the raw-key hot path
+
+
+def test_a_change_drops_only_the_entries_of_the_names_it_touched():
+    world = Harness()
+    world.ask(_query("web", 1))
+    world.ask(_query("DB", 2))
+    world.ask(_query("nothing-here", 3))
+    db_entries = {id(e) for k, e in world.scope.udp_cache.normal.items() if k[0] == b"db"}
+    assert db_entries
+    world.change(_put(KEYS.service("web"), Service("web", ("front",), aliases=("www",),
+                                                  vips={"front": ip("10.1.0.2")})))
+    names = {key[0] for key in world.scope.udp_cache.normal}
+    assert b"web" not in names, "web changed: its entries went"
+    assert b"db" in names and b"nothing-here" in names, "the others stay"
+    assert {id(e) for k, e in world.scope.udp_cache.normal.items() if k[0] == b"db"} == db_entries
+    assert [str(r.rdata) for r in world.ask(_query("www", 4)).rr] == ["10.1.0.2"]
+    # a name that was unknown and now exists: its negative entry goes with the change
+    world.change(_put(KEYS.endpoint("front", "nothing-here"), Endpoint("nothing-here", "front", ip("10.1.0.9"), "n1")))
+    assert [str(r.rdata) for r in world.ask(_query("nothing-here", 5)).rr] == ["10.1.0.9"]
+    assert b"db" in {key[0] for key in world.scope.udp_cache.normal}
+
+
+def test_a_cache_filled_past_its_budget_stays_within_it():
+    budget = 64 * 1024
+    world = Harness(cache_bytes=budget)
+    for index in range(3000):
+        world.ask(_query(f"name-{index}.example", index & 0xFFFF))
+        assert world.resolver.budget.used <= budget
+    assert world.resolver.budget.evicted > 0
+    assert 0 < world.resolver.budget.entries < 3000
+    text = world.metrics.render()
+    assert f"svcnet_dns_cache_budget_bytes {budget}" in text
+    assert "svcnet_dns_cache_evictions_total 0" not in text
+    # what stays still answers right
+    assert [str(r.rdata) for r in world.ask(_query("web", 1)).rr] == ["10.1.0.2"]
