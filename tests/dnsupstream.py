@@ -16,16 +16,19 @@ import struct
 import threading
 import time
 
-from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+from dnslib import QTYPE, RCODE, RR, SOA, A, DNSRecord
 
 
 class TestUpstream:
     __test__ = False  # not a pytest class
 
-    def __init__(self, records: dict[str, str] | None = None, mode: str = "ok", slow_delay: float = 1.0) -> None:
+    def __init__(self, records: dict[str, str] | None = None, mode: str = "ok", slow_delay: float = 1.0,
+                 ttl: int = 30, negative_soa: tuple[int, int] | None = None) -> None:
         self.records = {k.lower().rstrip("."): v for k, v in (records or {}).items()}
         self.mode = mode
         self.slow_delay = slow_delay
+        self.ttl = ttl
+        self.negative_soa = negative_soa  # (the SOA record's TTL, its MINIMUM) in NXDOMAIN replies
         self.seen: list[tuple[str, str]] = []
         self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._udp.bind(("127.0.0.1", 0))
@@ -68,9 +71,13 @@ class TestUpstream:
             for index in range(100):
                 reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=A(f"198.51.100.{index + 1}"), ttl=30))
         elif name in self.records and query.q.qtype == QTYPE.A:
-            reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=A(self.records[name]), ttl=30))
+            reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=A(self.records[name]), ttl=self.ttl))
         elif name not in self.records and not name.startswith("slow."):
             reply.header.rcode = RCODE.NXDOMAIN
+            if self.negative_soa is not None:
+                ttl, minimum = self.negative_soa
+                reply.add_auth(RR("example.", QTYPE.SOA, ttl=ttl, rdata=SOA(
+                    "ns.example.", "hostmaster.example.", (1, 3600, 600, 86400, minimum))))
         if name.startswith("slow."):
             reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=A("198.51.100.200"), ttl=30))
             time.sleep(self.slow_delay)

@@ -15,10 +15,12 @@ path does nothing but count hits.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Iterable
 
 from .answers import Entry
+from .wire import read_name
 
 ENTRY_OVERHEAD = 240  # bytes of dict slots, tags and the Entry object around the reply bytes
 
@@ -147,3 +149,79 @@ class ReplyCache:
     def entries(self) -> Iterable[Entry]:
         yield from self.raw.values()
         yield from self.normal.values()
+
+
+# ---- forwarded answers -----------------------------------------------------------------
+
+FORWARD_TTL_CAP = 3600  # seconds a forwarded answer is kept at most, whatever its TTL says
+_OPT = 41
+_SOA = 6
+
+
+class ForwardedEntry(Entry):
+    """An upstream reply kept for its TTL (RFC 1035 7.4) or, negative, for the SOA's TTL and
+    MINIMUM (RFC 2308 5). Only ever under a normalized key, so the hot path never serves
+    one: the slow path checks its age and sends the TTLs counted down."""
+
+    __slots__ = ("stored_at", "expires_at", "ttls")
+
+    def fresh(self, now: float) -> bool:
+        return now < self.expires_at
+
+    def reply_now(self, query_id: bytes, question: bytes, now: float) -> bytes:
+        elapsed = int(now - self.stored_at)
+        data = bytearray(query_id + self.static)
+        data[12:12 + len(question)] = question  # the asker's case (same length)
+        for offset, ttl in self.ttls:
+            data[offset:offset + 4] = max(0, ttl - elapsed).to_bytes(4, "big")
+        return bytes(data)
+
+
+def forwarded_entry(reply: bytes, qtype: int, now: float) -> ForwardedEntry | None:
+    """A cacheable copy of an upstream ``reply``, or None (truncated, an error, a negative
+    answer without SOA, a TTL of 0, or bytes that do not parse)."""
+    try:
+        flags, counts = reply[2:4], struct.unpack("!HHHH", reply[4:12])
+    except struct.error:
+        return None
+    rcode = flags[1] & 0x0F
+    if flags[0] & 0x02 or rcode not in (0, 3):  # TC, or not NOERROR/NXDOMAIN
+        return None
+    try:
+        ttls, answer_ttl, negative_ttl = _ttl_fields(reply, counts)
+    except (ValueError, IndexError, struct.error):
+        return None
+    lifetime = answer_ttl if rcode == 0 and counts[1] else negative_ttl
+    if lifetime is None or lifetime <= 0:
+        return None
+    entry = ForwardedEntry(reply[2:], b"", (), b"", qtype, rcode, False)
+    entry.stored_at, entry.expires_at = now, now + min(lifetime, FORWARD_TTL_CAP)
+    entry.ttls = tuple(ttls)
+    return entry
+
+
+def _ttl_fields(reply: bytes, counts: tuple[int, int, int, int]):
+    """(offset, TTL) of every record but OPT; the answers' lowest TTL; the negative TTL
+    (min of the authority SOA's TTL and its MINIMUM), None where there is none."""
+    offset = 12
+    for _ in range(counts[0]):
+        _, offset = read_name(reply, offset)
+        offset += 4
+    fields, answer_ttl, negative_ttl = [], None, None
+    for section, count in enumerate(counts[1:]):
+        for _ in range(count):
+            _, offset = read_name(reply, offset)
+            rtype, _, ttl, length = struct.unpack("!HHIH", reply[offset:offset + 10])
+            if rtype != _OPT:
+                fields.append((offset + 4, ttl))
+                if section == 0:
+                    answer_ttl = ttl if answer_ttl is None else min(answer_ttl, ttl)
+                elif section == 1 and rtype == _SOA:
+                    _, rdata = read_name(reply, offset + 10)  # MNAME
+                    _, rdata = read_name(reply, rdata)  # RNAME
+                    minimum = struct.unpack("!I", reply[rdata + 16:rdata + 20])[0]
+                    negative_ttl = min(ttl, minimum)
+            offset += 10 + length
+            if offset > len(reply):
+                raise ValueError("record runs past the end")
+    return fields, answer_ttl, negative_ttl

@@ -35,7 +35,7 @@ from discovery.state.view import View
 from . import records as records_mod
 from . import wire as w
 from .answers import INTERNAL_ZONE, PROBE_NAME, PROBE_TEXT, Answers, Entry, Ttls, error_entry, pack
-from .cache import Budget, ReplyCache, with_question
+from .cache import Budget, ForwardedEntry, ReplyCache, forwarded_entry, with_question
 from .forward import Forwarder, Upstream, truncated
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,8 @@ class Resolver:
     def _fold(self, entries: Iterable[Entry]) -> None:
         seen = set()
         for entry in entries:
+            if isinstance(entry, ForwardedEntry):
+                continue  # counted when served
             if id(entry) not in seen:  # one entry may sit under a raw and a normalized key
                 seen.add(id(entry))
                 self._folded[(entry.qtype, entry.rcode, entry.truncated)] += entry.hits
@@ -187,7 +189,7 @@ class Resolver:
         self.cache_evictions.values[()] = self.budget.evicted
         for scope in self.scopes:
             for cache in (scope.udp_cache, scope.tcp_cache):
-                for entry in {id(e): e for e in cache.entries()}.values():
+                for entry in {id(e): e for e in cache.entries() if not isinstance(e, ForwardedEntry)}.values():
                     totals[(entry.qtype, entry.rcode, entry.truncated)] += entry.hits
         truncated_hits = 0
         local = {}
@@ -218,6 +220,13 @@ class Resolver:
                   query.dnssec_ok, query.edns_size is not None, limit)
         tag = _tag(query, scope.attached)
         known = cache.normal.get(normal)
+        if isinstance(known, ForwardedEntry):
+            now = time.monotonic()
+            if known.fresh(now):
+                self._send_forwarded(known.reply_now(data[:2], query.question, now), query, udp, send, "cache")
+                return
+            cache.remove(normal)
+            known = None
         if known is not None:  # the same question in another case, ID or EDNS options
             copy = with_question(known, query.question)
             copy.hits = 1
@@ -230,36 +239,45 @@ class Resolver:
         elif local is not None:
             local_entry = pack(query, local, limit)
         else:
-            self._forward(data, query, scope, udp, send)
+            self._forward(data, query, scope, udp, send, (normal, tag))
             return
         local_entry.hits = 1
         cache.put(normal, local_entry, tag)
         cache.put(data[2:], local_entry, tag)
         send(local_entry.reply(data[:2]))
 
-    def _forward(self, data: bytes, query: w.Query, scope: Scope, udp: bool, send: Callable[[bytes], None]) -> None:
+    def _forward(self, data: bytes, query: w.Query, scope: Scope, udp: bool, send: Callable[[bytes], None],
+                 cache_as: tuple[tuple, str]) -> None:
         if scope.inflight >= self.config.max_inflight:
             self.refused_inflight.inc()
             self.queries.inc(w.type_name(query.qtype), "REFUSED", "forwarded")
             send(error_entry(query, w.REFUSED).reply(data[:2]))
             return
         scope.inflight += 1
-        task = asyncio.ensure_future(self._forward_one(data, query, scope, udp, send))
+        task = asyncio.ensure_future(self._forward_one(data, query, scope, udp, send, cache_as))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _forward_one(self, data: bytes, query: w.Query, scope: Scope, udp: bool,
-                           send: Callable[[bytes], None]) -> None:
+                           send: Callable[[bytes], None], cache_as: tuple[tuple, str]) -> None:
         try:
             reply = await self.forwarder.forward(data, query.question)
         finally:
             scope.inflight -= 1
         if reply is None:
             reply = error_entry(query, w.SERVFAIL).reply(data[:2])
-        elif udp and len(reply) > max(w.MAX_UDP_PLAIN, query.edns_size or 0):
+        elif scope in self.scopes:  # names that do not exist cost nothing the second time either
+            entry = forwarded_entry(reply, query.qtype, time.monotonic())
+            if entry is not None:
+                (scope.udp_cache if udp else scope.tcp_cache).put(cache_as[0], entry, cache_as[1])
+        self._send_forwarded(reply, query, udp, send, "forwarded")
+
+    def _send_forwarded(self, reply: bytes, query: w.Query, udp: bool, send: Callable[[bytes], None],
+                        source: str) -> None:
+        if udp and len(reply) > max(w.MAX_UDP_PLAIN, query.edns_size or 0):
             reply = truncated(reply, query.question)
-            self.truncations.inc("forwarded")
-        self.queries.inc(w.type_name(query.qtype), w.rcode_name(reply[3] & 0x0F), "forwarded")
+            self.truncations.inc(source)
+        self.queries.inc(w.type_name(query.qtype), w.rcode_name(reply[3] & 0x0F), source)
         send(reply)
 
 

@@ -1,19 +1,22 @@
 """The resolver's reply cache: one entry per question as DNS means it, dropped per changed
-name, bounded by one memory budget. Driven through ``Resolver.slow_path`` and the cache
+name, bounded by one memory budget; forwarded and negative answers kept for their TTLs. Driven through ``Resolver.slow_path`` and the cache
 the UDP hot path reads (no sockets: the wire bytes are the whole interface)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 
 from dnslib import EDNS0, DNSRecord, EDNSOption
 
+from discovery.dns.forward import Upstream
 from discovery.dns.resolver import Resolver, ResolverConfig
 from discovery.metrics import Metrics
 from discovery.state.keys import KeyLayout
 from discovery.state.model import Endpoint, Network, Service
 from discovery.state.view import Change, View
+from tests.dnsupstream import TestUpstream
 
 KEYS = KeyLayout("/t")
 FRONT = Network.create("front", "10.1.0.0/24", internal=True)  # nothing is forwarded: unknown names are REFUSED
@@ -118,3 +121,49 @@ def test_a_cache_filled_past_its_budget_stays_within_it():
     assert "svcnet_dns_cache_evictions_total 0" not in text
     # what stays still answers right
     assert [str(r.rdata) for r in world.ask(_query("web", 1)).rr] == ["10.1.0.2"]
+
+
+def test_forwarded_answers_and_negatives_are_kept_for_their_ttl_counted_down():
+    """An upstream on loopback (tests/dnsupstream.py): an answer with TTL 2, an NXDOMAIN
+    whose SOA says 3 s with MINIMUM 1 (RFC 2308: the lower, 1 s)."""
+    upstream = TestUpstream({"far.example": "198.51.100.7"}, ttl=2, negative_soa=(3, 1))
+    resolver = Resolver(ResolverConfig(upstreams=(Upstream.parse(upstream.address),)), Metrics())
+    view = View().apply([_put(KEYS.network("open"), Network.create("open", "10.2.0.0/24"))], 1, KEYS)
+    resolver.update(view)
+    scope = resolver.scope("client", "/nonexistent", ["open"])
+    resolver.add_scope(scope)
+    assert scope.forward
+
+    async def ask(name: str, query_id: int) -> DNSRecord:
+        sent: list[bytes] = []
+        resolver.slow_path(_query(name, query_id), scope, True, sent.append)
+        for _ in range(200):
+            if sent:
+                return DNSRecord.parse(sent[0])
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no reply to {name}")
+
+    async def scenario() -> None:
+        first = await ask("far.example", 1)
+        assert [(str(r.rdata), r.ttl) for r in first.rr] == [("198.51.100.7", 2)]
+        assert upstream.names_seen() == ["far.example"]
+        await asyncio.sleep(1.05)
+        cached = await ask("FAR.example", 2)
+        assert upstream.names_seen() == ["far.example"], "answered from the cache"
+        assert str(cached.q.qname) == "FAR.example." and cached.header.id == 2
+        assert [(str(r.rdata), r.ttl) for r in cached.rr] == [("198.51.100.7", 1)], "the TTL counts down"
+        await asyncio.sleep(1.0)
+        await ask("far.example", 3)
+        assert upstream.names_seen() == ["far.example"] * 2, "expired after 2 s: asked again"
+        missing = await ask("nope.example", 4)
+        assert missing.header.rcode == 3
+        await ask("Nope.Example", 5)
+        assert upstream.names_seen().count("nope.example") == 1, "a name that does not exist costs nothing twice"
+        await asyncio.sleep(1.05)
+        await ask("nope.example", 6)
+        assert upstream.names_seen().count("nope.example") == 2, "negative answers live min(SOA TTL, MINIMUM)"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        upstream.close()
