@@ -8,6 +8,8 @@ One table per sandbox netns, ``ip svcnet``:
     chain vips    nat output:    ip daddr vmap @services
     chain pick-N:                dnat to ip daddr . numgen random mod N map @backends
     chain refuse  filter output: ip daddr @empty ct state new reject (tcp reset for TCP)
+    chain flows   filter output at mangle, only with --flow-timeout:
+                  ip daddr @ft-tcp-S meta l4proto tcp ct timeout set "ft-tcp-S"  (one per S in use)
 
 A packet to a VIP costs one verdict-map lookup and one map lookup whatever the number of
 services (kube-proxy's nftables mode keeps a chain per service and per endpoint: measured
@@ -68,6 +70,27 @@ def pick_rule(count: int) -> str:
 
 
 Slots = tuple[IPv4Address, ...]
+FlowPair = tuple[int | None, int | None]
+NO_TIMEOUT: FlowPair = (None, None)
+PROTOCOLS = ("tcp", "udp")
+
+
+def timeout_name(protocol: str, seconds: int) -> str:
+    return f"ft-{protocol}-{seconds}"
+
+
+def timeout_object(protocol: str, seconds: int) -> str:
+    """A conntrack timeout policy (nf_conntrack_timeout) and the set of VIPs it applies to."""
+    policy = (f"established: {seconds}" if protocol == "tcp" else f"unreplied: {seconds}, replied: {seconds}")
+    name = timeout_name(protocol, seconds)
+    return (f"add ct timeout {TABLE} {name} {{ protocol {protocol}; l3proto ip; policy = {{ {policy} }}; }}\n"
+            f"add set {TABLE} {name} {{ type ipv4_addr; }}")
+
+
+def flow_rule(protocol: str, seconds: int) -> str:
+    name = timeout_name(protocol, seconds)
+    return f'ip daddr @{name} meta l4proto {protocol} ct timeout set "{name}"'
+
 
 
 @dataclass
@@ -80,6 +103,9 @@ class NftState:
     backends: dict[IPv4Address, dict[int, IPv4Address]] = field(default_factory=dict)  # VIP -> slot -> task
     empty: set[IPv4Address] = field(default_factory=set)
     picks: Counter[int] = field(default_factory=Counter)  # pick-N chains present -> VIPs using them
+    flows: dict[IPv4Address, FlowPair] = field(default_factory=dict)  # VIP -> (tcp, udp) idle timeouts
+    timeouts: Counter[tuple[str, int]] = field(default_factory=Counter)  # (proto, seconds) present -> VIPs
+    flow_rules: list[str] | None = None  # the flows chain's rules as held (None: no chain)
 
 
 
@@ -105,7 +131,9 @@ class NftablesBackend:
         result = SyncResult()
         for vip in vips:
             plan = desired.get(vip)
-            if _converge_vip(state, edit, vip, plan is not None, plan.backends if plan is not None else ()):
+            written = _converge_vip(state, edit, vip, plan is not None, plan.backends if plan is not None else ())
+            written |= _converge_flows(state, edit, vip, plan.flow_timeout if plan is not None else NO_TIMEOUT)
+            if written:
                 if plan is None:
                     result.services_removed += 1
                 else:
@@ -114,6 +142,7 @@ class NftablesBackend:
             edit.unused |= {count for count, users in state.picks.items() if not users}
         for count in edit.unused:
             del state.picks[count]
+        _converge_flow_rules(state, edit)
         if edit.commands:
             try:
                 state.nft.run(edit.text())
@@ -144,11 +173,15 @@ class _Edit:
         self.deletes: dict[str, list[str]] = {"services": [], "backends": [], "empty": []}
         self.adds: dict[str, list[str]] = {"backends": [], "services": [], "empty": []}
         self.unused: set[int] = set()  # pick-N chains no VIP goes to any more: deleted last
+        self.flow_rules: list[str] | None = None  # the flows chain rewritten (when its timeouts change)
+        self.create_flows = False
+        self.unused_timeouts: set[tuple[str, int]] = set()  # deleted after the rules that use them
         self.elements = 0
 
     @property
     def commands(self) -> bool:
-        return bool(self.chains or self.unused or any(self.deletes.values()) or any(self.adds.values()))
+        return bool(self.chains or self.unused or self.flow_rules is not None or self.unused_timeouts
+                    or any(self.deletes.values()) or any(self.adds.values()))
 
     def text(self) -> str:
         lines = list(self.chains)
@@ -156,6 +189,14 @@ class _Edit:
             for name, elements in groups.items():
                 if elements:
                     lines.append(f"{verb} element {TABLE} {name} {{ {', '.join(elements)} }}")
+        if self.flow_rules is not None:
+            if self.create_flows:
+                lines.append(f"add chain {TABLE} flows {{ type filter hook output priority mangle; policy accept; }}")
+            lines.append(f"flush chain {TABLE} flows")
+            lines += [f"add rule {TABLE} flows {rule}" for rule in self.flow_rules]
+        for protocol, seconds in sorted(self.unused_timeouts):
+            name = timeout_name(protocol, seconds)
+            lines += [f"delete set {TABLE} {name}", f"delete ct timeout {TABLE} {name}"]
         lines += [f"delete chain {TABLE} {pick_chain(count)}" for count in sorted(self.unused)]
         return "\n".join(lines) + "\n"
 
@@ -203,6 +244,46 @@ def _converge_vip(state: NftState, edit: _Edit, vip: IPv4Address, present: bool,
     return edit.elements > before
 
 
+def _converge_flows(state: NftState, edit: _Edit, vip: IPv4Address, wanted: FlowPair) -> bool:
+    """Move ``vip`` into the timeout sets of ``wanted`` (and out of its old ones)."""
+    held = state.flows.get(vip, NO_TIMEOUT)
+    if held == wanted:
+        return False
+    for protocol, old, new in zip(PROTOCOLS, held, wanted, strict=True):
+        if old == new:
+            continue
+        if old is not None:
+            edit.deletes.setdefault(timeout_name(protocol, old), []).append(str(vip))
+            state.timeouts[(protocol, old)] -= 1
+        if new is not None:
+            if (protocol, new) not in state.timeouts:
+                edit.chains.append(timeout_object(protocol, new))
+            state.timeouts[(protocol, new)] += 1
+            edit.adds.setdefault(timeout_name(protocol, new), []).append(str(vip))
+        edit.elements += 1
+    if wanted == NO_TIMEOUT:
+        state.flows.pop(vip, None)
+    else:
+        state.flows[vip] = wanted
+    return True
+
+
+def _converge_flow_rules(state: NftState, edit: _Edit) -> None:
+    """One rule per timeout in use (not per service: the first packet's cost grows with the
+    number of distinct timeouts); the chain is made when a first service asks for one. It
+    hooks output at mangle (-150): after conntrack (-200) made the entry, which the kernel
+    only lets a policy attach to before it is confirmed (at raw, -300, there is none yet:
+    measured, the policy was ignored), and before DNAT (-100) turns the VIP into a task."""
+    unused = {key for key, users in state.timeouts.items() if users <= 0}
+    for key in unused:
+        del state.timeouts[key]
+    wanted = [flow_rule(protocol, seconds) for protocol, seconds in sorted(state.timeouts)]
+    if wanted != (state.flow_rules or []) or (unused and state.flow_rules is not None):
+        edit.flow_rules, edit.create_flows = wanted, state.flow_rules is None
+        state.flow_rules = wanted
+    edit.unused_timeouts = unused
+
+
 def _netns_id(netns: str) -> tuple[int, int]:
     stat = os.stat(netns)
     return stat.st_dev, stat.st_ino
@@ -222,11 +303,16 @@ def _observe(nft: Nft, netns_id: tuple[int, int]) -> NftState:
         log.warning("rebuilding an nftables table that is not as svcnet wrote it table=%r", TABLE)
         nft.run(f"delete table {TABLE}")
         state.picks.clear()
+        state.flow_rules = None
     if not _has_table(nft):
         nft.run(SKELETON + "".join(f"add rule {TABLE} {chain} {rule}\n"
                                    for chain, rules in CHAIN_RULES.items() for rule in rules))
         return state
     for entry in nft.run_json(f"list table {TABLE}").get("nftables", []):
+        timeout = _timeout_key(entry.get("ct timeout", {}).get("name", ""))
+        if timeout is not None:
+            state.timeouts[timeout] += 0  # present; counted by its set's elements
+            continue
         found = entry.get("map") or entry.get("set")
         if not found:
             continue
@@ -239,8 +325,21 @@ def _observe(nft: Nft, netns_id: tuple[int, int]) -> NftState:
     return state
 
 
+def _timeout_key(name: str) -> tuple[str, int] | None:
+    parts = name.split("-")
+    if len(parts) == 3 and parts[0] == "ft" and parts[1] in PROTOCOLS and parts[2].isdigit():
+        return parts[1], int(parts[2])
+    return None
+
+
 def _read_element(state: NftState, name: str, element) -> None:
-    if name == "empty":
+    timeout = _timeout_key(name)
+    if timeout is not None:
+        vip = IPv4Address(element if isinstance(element, str) else element["elem"]["val"])
+        tcp, udp = state.flows.get(vip, NO_TIMEOUT)
+        state.flows[vip] = (timeout[1], udp) if timeout[0] == "tcp" else (tcp, timeout[1])
+        state.timeouts[timeout] += 1
+    elif name == "empty":
         state.empty.add(IPv4Address(element if isinstance(element, str) else element["elem"]["val"]))
     elif name == "services":
         key, verdict = element
@@ -260,6 +359,9 @@ def _shape_is_ours(nft: Nft, state: NftState) -> bool:
     for chain, rules in CHAIN_RULES.items():
         if chains.pop(chain, None) is None or _rules_of(listing, chain) != rules:
             return False
+    if "flows" in chains:
+        chains.pop("flows")
+        state.flow_rules = _rules_of(listing, "flows")
     for chain in chains:
         if not chain.startswith("pick-") or not chain[5:].isdigit():
             return False

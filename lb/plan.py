@@ -25,6 +25,9 @@ class VipPlan:
     service: str
     network: str
     backends: tuple[IPv4Address, ...]
+    # (tcp, udp) idle timeouts in seconds, None: the kernel's. Not in ``signature``: only
+    # nftables applies them, and iptables' rules must not change with them.
+    flow_timeout: tuple[int | None, int | None] = (None, None)
 
     @property
     def signature(self) -> str:
@@ -134,7 +137,9 @@ def _plan(piece: NetworkSlice, service, members: Mapping[str, set[str]]) -> VipP
         return None
     healthy = sorted(piece.endpoints[c].ipv4 for c in members.get(service.name, ())
                      if piece.endpoints[c].health == "healthy")
-    return VipPlan(vip, service.name, piece.name, tuple(healthy))
+    timeout = service.flow_timeout
+    return VipPlan(vip, service.name, piece.name, tuple(healthy),
+                   (timeout.tcp, timeout.udp) if timeout is not None else (None, None))
 
 
 def _update(done: _Built, piece: NetworkSlice) -> _Built:

@@ -106,6 +106,7 @@ class LbSync:
         self._tables: tuple[View, dict[str, VipTable]] | None = None
         self._workers = asyncio.Semaphore(workers)
         self._cleanups: set[asyncio.Task] = set()
+        self._flow_warned: set[str] = set()
         self._running = False
         self._synced = asyncio.Condition()
         self._conntrack_warned = False
@@ -236,6 +237,8 @@ class LbSync:
             return True
         desired = _merged(tables)
         changed = _changed(sandbox, tables) if sandbox.kernel is not None else None
+        if self.backend.name != "nftables":
+            self._refuse_flow_timeouts(desired, changed)
         if changed is not None and not changed and not drain_due:  # equal tables, rebuilt: nothing to write
             sandbox.tables, sandbox.plan, sandbox.revision = tables, desired, view.revision
             return True
@@ -268,6 +271,17 @@ class LbSync:
                      sandbox.name, view.revision, len(desired), result.services_written, result.services_removed,
                      result.rules_written, took * 1000)
         return True
+
+    def _refuse_flow_timeouts(self, desired: Plan, changed: set | None) -> None:
+        """--flow-timeout needs conntrack timeout policies, which svcnet sets with nftables."""
+        for vip in changed if changed is not None else desired.keys():
+            plan = desired.get(vip)
+            if plan is None or plan.flow_timeout == (None, None) or plan.service in self._flow_warned:
+                continue
+            self._flow_warned.add(plan.service)
+            log.error("service %s asks for --flow-timeout, which the %s backend cannot apply: its connections keep "
+                      "the kernel's timeouts hint=%r", plan.service, self.backend.name,
+                      "run the agent with --lb-backend nftables (apt-get install libnftables1)")
 
     async def _forget(self, sandbox: _Sandbox, lost: dict) -> None:
         try:

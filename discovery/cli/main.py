@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vip: the name resolves to one virtual IP (default); dnsrr: to the task IPs")
     p.add_argument("--alias", action="append", default=[], help="another DNS name for the service (repeatable)")
     p.add_argument("--publish", action="append", default=[], metavar=PUBLISH_METAVAR, help=PUBLISH_HELP)
+    p.add_argument("--flow-timeout", metavar="tcp=SECONDS,udp=SECONDS",
+                   help="how long an idle connection through the VIP keeps its task (conntrack timeout; "
+                        "nftables backend). Default: the kernel's, 5 days for established TCP, 120 s for UDP")
     p = _command(service_sub, "update", "publish or withdraw ports of a live service",
                  "svcnet service update web --publish-add 8443:443 --publish-rm 8080", cmd_service_update)
     p.add_argument("name")
@@ -575,14 +578,33 @@ def cmd_network_rm(args) -> int:
 
 
 def cmd_service_create(args) -> int:
-    from discovery.state.model import PortSpec, Service
+    from discovery.state.model import FlowTimeout, PortSpec, Service
 
     ports = tuple(PortSpec.parse(text) for text in args.publish)
-    service = Service(args.name, tuple(args.network), args.endpoint_mode, tuple(args.alias), ports)
+    flow_timeout = FlowTimeout.parse(args.flow_timeout) if args.flow_timeout else None
+    service = Service(args.name, tuple(args.network), args.endpoint_mode, tuple(args.alias), ports,
+                      flow_timeout=flow_timeout)
+    if flow_timeout is not None:
+        _refuse_without_nftables(args)
     stored = _with_registry(args, lambda r: r.create_service(service))
     vips = " ".join(f"{net}={ip}" for net, ip in stored.vips.items())
     print(f"{stored.name} {vips}".rstrip())
     return 0
+
+
+def _refuse_without_nftables(args) -> None:
+    """--flow-timeout is a conntrack timeout policy, which svcnet sets with nftables: refuse
+    it when this node's agent runs another backend (one not running yet is not asked)."""
+    from discovery.node.client import ApiClient
+
+    try:
+        backend = ApiClient(args.state_dir / "agent.sock", timeout=5).call("GET", "/v1/info").get("lb_backend")
+    except AgentUnavailableError:
+        return
+    if backend not in (None, "nftables"):
+        raise SvcnetError(f"--flow-timeout needs the nftables load-balancer backend; this node's agent runs "
+                          f"{backend}: restart it with --lb-backend nftables (apt-get install libnftables1), "
+                          "or leave --flow-timeout out")
 
 
 def _service_row(service) -> dict:
@@ -591,6 +613,7 @@ def _service_row(service) -> dict:
         "vips": ",".join(f"{n}={ip}" for n, ip in service.vips.items()) or "-",
         "ports": ",".join(str(p) for p in service.ports) or "-",
         "aliases": ",".join(service.aliases) or "-",
+        "flow_timeout": str(service.flow_timeout) if service.flow_timeout else "-",
     }
 
 
@@ -626,7 +649,7 @@ def cmd_service_inspect(args) -> int:
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
     for key, value in _service_row(service).items():
-        print(f"{key + ':':10} {value}")
+        print(f"{key + ':':14} {value}")
     print("tasks:")
     for task in data["tasks"]:
         print(f"  {task['container']:20} {task['network']:12} {task['ipv4']:16} node={task['node']} health={task['health']}")

@@ -267,6 +267,52 @@ class PortSpec:
             d.get("source", "nat")))
 
 
+MAX_FLOW_TIMEOUT = 30 * 24 * 3600  # seconds: a month of idleness is the most a flow may keep
+
+
+@dataclass(frozen=True)
+class FlowTimeout:
+    """How long an idle connection through a service's VIP keeps its conntrack entry (and so
+    its task): ``tcp`` for established TCP, ``udp`` for a UDP flow. None: the kernel's default
+    (5 days for established TCP, 120 s for a UDP stream)."""
+
+    tcp: int | None = None
+    udp: int | None = None
+
+    def __post_init__(self) -> None:
+        for protocol, seconds in (("tcp", self.tcp), ("udp", self.udp)):
+            if seconds is not None and not 1 <= seconds <= MAX_FLOW_TIMEOUT:
+                raise ValidationError(f"flow timeout {protocol}={seconds} must be 1 to {MAX_FLOW_TIMEOUT} seconds")
+        if self.tcp is None and self.udp is None:
+            raise ValidationError("a flow timeout needs tcp=SECONDS, udp=SECONDS or both")
+
+    @classmethod
+    def parse(cls, text: str) -> FlowTimeout:
+        """Parse ``tcp=SECONDS,udp=SECONDS`` (either part may be left out)."""
+        usage = f"flow timeout {text!r} is not tcp=SECONDS,udp=SECONDS, e.g. tcp=86400 or tcp=3600,udp=60"
+        found: dict[str, int] = {}
+        for part in text.split(","):
+            key, sep, value = part.partition("=")
+            key = key.strip().lower()
+            if not sep or key not in ("tcp", "udp") or key in found:
+                raise ValidationError(usage)
+            try:
+                found[key] = int(value)
+            except ValueError:
+                raise ValidationError(usage) from None
+        return cls(found.get("tcp"), found.get("udp"))
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in (("tcp", self.tcp), ("udp", self.udp)) if v is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in (("tcp", self.tcp), ("udp", self.udp)) if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FlowTimeout:
+        return _decode(cls, data, lambda d: cls(d.get("tcp"), d.get("udp")))
+
+
 @dataclass(frozen=True)
 class Service:
     name: str
@@ -275,6 +321,7 @@ class Service:
     aliases: tuple[str, ...] = ()
     ports: tuple[PortSpec, ...] = ()
     vips: Mapping[str, IPv4Address] = field(default_factory=dict)
+    flow_timeout: FlowTimeout | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", normalize_name(self.name, "service name"))
@@ -291,6 +338,9 @@ class Service:
             )
         if self.endpoint_mode == "dnsrr" and self.vips:
             raise ValidationError(f"service {self.name!r} is dnsrr and cannot hold VIPs")
+        if self.endpoint_mode == "dnsrr" and self.flow_timeout is not None:
+            raise ValidationError(f"service {self.name!r}: --flow-timeout applies to connections through a VIP; "
+                                  "use --endpoint-mode vip")
         if self.endpoint_mode == "dnsrr" and any(
             p.published is not None and p.mode == "ingress" for p in self.ports
         ):
@@ -324,6 +374,7 @@ class Service:
             "aliases": list(self.aliases),
             "ports": [p.to_dict() for p in self.ports],
             "vips": {net: str(ip) for net, ip in self.vips.items()},
+            **({"flow_timeout": self.flow_timeout.to_dict()} if self.flow_timeout is not None else {}),
         }
 
     @classmethod
@@ -335,6 +386,7 @@ class Service:
             aliases=tuple(d.get("aliases", ())),
             ports=tuple(PortSpec.from_dict(p) for p in d.get("ports", ())),
             vips={net: IPv4Address(ip) for net, ip in d.get("vips", {}).items()},
+            flow_timeout=FlowTimeout.from_dict(d["flow_timeout"]) if d.get("flow_timeout") else None,
         ))
 
 

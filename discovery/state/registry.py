@@ -305,8 +305,7 @@ class Registry:
                     compares.append(self.txn.version(self.keys.address_claim(net_name, vip)) == 0)
                     puts.append(self.txn.put(self.keys.address_claim(net_name, vip),
                                              Claim("service", service.name, "vip").encode()))
-            stored = Service(service.name, service.networks, service.endpoint_mode,
-                             service.aliases, service.ports, vips)
+            stored = replace(service, vips=vips)
             puts.append(self.txn.put(self.keys.service(stored.name), _encode(stored)))
             ok, _ = await self.client.transaction(compare=compares, success=puts, failure=[])
             if ok:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -246,3 +247,33 @@ def test_agent_restart_keeps_flows_and_leaves_rules_identical(cli):
         after.update({name: _rules(cli, name, backend) for name in [client, *tasks]})
         return after == before
     assert _wait(converged, 5, step=0.2), (after, before)
+
+
+def test_flow_timeout_sets_the_idle_timeout_of_connections_to_the_vip_or_is_refused(cli):
+    """--flow-timeout end to end: stored, shown, and the task's connection carries it in the
+    client's conntrack table (nftables); an agent on another backend refuses it up front."""
+    net, client = cli.name("ft"), cli.name("client")
+    cli.run("network", "create", net, "--subnet", "10.126.0.0/24")
+    cli.run("run", "-d", "--name", client, "--network", net)  # the agent runs from here on
+    create = ("service", "create", "slow", "--network", net, "--flow-timeout", "tcp=7200,udp=60")
+    if cli.info()["lb_backend"] != "nftables":
+        refused = cli.run(*create, check=False)
+        assert refused.returncode != 0 and "--flow-timeout needs the nftables" in refused.stderr, refused.stderr
+        assert "--lb-backend nftables" in refused.stderr
+        return
+    cli.run(*create)
+    service = cli.json("service", "inspect", "slow")
+    assert service["flow_timeout"] == {"tcp": 7200, "udp": 60}
+    task = _task(cli, cli.name("t1"), net, "slow")
+    assert _wait(lambda: _listening(cli, client, task), 10, step=0.1)
+    vip = service["vips"][net]
+    with _socket(cli, client, socket.SOCK_STREAM) as sock:
+        sock.connect((vip, PORT))
+        sock.recv(64)
+        listing = subprocess.run(["nsenter", f"--net={cli.netns(client)}", "conntrack", "-L", "-p", "tcp",
+                                  "--dport", str(PORT)], capture_output=True, text=True, check=True).stdout
+        timeouts = [int(line.split()[2]) for line in listing.splitlines() if f"dst={vip}" in line]
+        assert len(timeouts) == 1 and 7000 < timeouts[0] <= 7200, (listing, task)
+    for bad in ("tcp=0", "tcp=7200,tcp=5", "sctp=5", "tcp=soon"):
+        result = cli.run("service", "create", "bad", "--network", net, "--flow-timeout", bad, check=False)
+        assert result.returncode != 0 and "flow timeout" in result.stderr, (bad, result.stderr)

@@ -25,7 +25,7 @@ import pytest
 from discovery.host import netlink
 from discovery.metrics import Metrics
 from discovery.state.keys import KeyLayout
-from discovery.state.model import Endpoint, Network, Service
+from discovery.state.model import Endpoint, FlowTimeout, Network, Service
 from discovery.state.view import Change, View
 from lb.ipvs import marks
 from lb.plan import VipPlan
@@ -140,11 +140,12 @@ class Topology:
             sock.sendto(b"?", (str(VIP), PORT))
             return sock.recv(64).decode()
 
-    def view(self, revision: int, *names: str, unhealthy: tuple[str, ...] = (), empty: bool = True) -> View:
+    def view(self, revision: int, *names: str, unhealthy: tuple[str, ...] = (), empty: bool = True,
+             flow_timeout: FlowTimeout | None = None) -> View:
         """A View as the watcher builds one (from key changes): the network, service ``web``
-        (VIP) with tasks ``names`` healthy and ``unhealthy`` not, and (``empty``) service
-        ``empty`` with none."""
-        services = [Service("web", (NETWORK,), vips={NETWORK: VIP})]
+        (VIP, ``flow_timeout``) with tasks ``names`` healthy and ``unhealthy`` not, and
+        (``empty``) service ``empty`` with none."""
+        services = [Service("web", (NETWORK,), vips={NETWORK: VIP}, flow_timeout=flow_timeout)]
         if empty:
             services.append(Service("empty", (NETWORK,), vips={NETWORK: EMPTY_VIP}))
         endpoints = [Endpoint(name, NETWORK, self.tasks[name], "node-lbb", service="web",
@@ -465,3 +466,35 @@ def test_switching_between_iptables_and_nftables_leaves_no_rules_of_the_other(to
     third.apply("t3")
     assert "table ip svcnet" not in _in_client(topology.client, "nft", "list", "tables")
     assert {topology.tcp_name() for _ in range(20)} == {"t3"}
+
+
+def _conntrack_timeouts(netns: str, protocol: str) -> list[int]:
+    """Seconds left on each ``protocol`` entry towards the VIP's port in ``netns``."""
+    listing = _in_client(netns, "conntrack", "-L", "-p", protocol, "--dport", str(PORT))
+    return [int(line.split()[2]) for line in listing.splitlines() if f"dst={VIP}" in line]
+
+
+@pytest.mark.parametrize("start_lb", ["nftables"], indirect=True)
+def test_a_flow_timeout_is_the_conntrack_timeout_of_connections_through_the_vip(topology, start_lb):
+    """Established TCP keeps the kernel's 5 days unless the service says otherwise (IPVS cut
+    idle connections at 900 s in Docker, moby#37822); UDP flows get theirs too."""
+    lb = start_lb()
+    lb.apply("t1", flow_timeout=FlowTimeout(tcp=7200, udp=45))
+    with topology.socket(socket.SOCK_STREAM) as held:
+        held.connect((str(VIP), PORT))
+        assert held.recv(64) == b"t1\n"
+        assert topology.udp_name() == "t1"
+        (tcp,) = _conntrack_timeouts(topology.client, "tcp")
+        assert 7000 < tcp <= 7200, tcp
+        assert all(30 < udp <= 45 for udp in _conntrack_timeouts(topology.client, "udp"))
+        before = topology.rules("nftables")
+        lb.close()
+        restarted = start_lb()
+        restarted.apply("t1", flow_timeout=FlowTimeout(tcp=7200, udp=45))
+        assert restarted.written() == (1, 0, 0) and topology.rules("nftables") == before, "a restart writes nothing"
+        restarted.apply("t1")  # the timeout withdrawn: new connections get the kernel's again
+    assert "ft-tcp-7200" not in topology.rules("nftables"), "its policy and set went with the last user"
+    with topology.socket(socket.SOCK_STREAM) as fresh:
+        fresh.connect((str(VIP), PORT))
+        fresh.recv(64)
+        assert max(_conntrack_timeouts(topology.client, "tcp")) > 400000, "the kernel's 5 days"

@@ -131,3 +131,22 @@ def test_endpoint_names_in_precedence_order():
 def test_decoding_bad_data_names_the_problem(data, hint):
     with pytest.raises(ValidationError, match=hint):
         Endpoint.from_dict(data)
+
+
+def test_flow_timeout_parses_round_trips_and_refuses_what_it_cannot_mean():
+    from discovery.state.model import FlowTimeout
+
+    timeout = FlowTimeout.parse("tcp=7200, UDP=60")
+    assert (timeout.tcp, timeout.udp) == (7200, 60) and str(timeout) == "tcp=7200,udp=60"
+    assert FlowTimeout.parse("udp=5") == FlowTimeout(None, 5)
+    service = Service("slow", ("front",), flow_timeout=timeout)
+    assert service.to_dict()["flow_timeout"] == {"tcp": 7200, "udp": 60}
+    assert Service.from_dict(service.to_dict()) == service
+    assert "flow_timeout" not in Service("plain", ("front",)).to_dict(), "old records stay as they were"
+    for bad, message in (("tcp=0", "must be 1 to"), ("tcp=1,tcp=2", "is not tcp=SECONDS"),
+                         ("sctp=5", "is not tcp=SECONDS"), ("tcp", "is not tcp=SECONDS"),
+                         (f"udp={31 * 86400}", "must be 1 to")):
+        with pytest.raises(ValidationError, match=message):
+            FlowTimeout.parse(bad)
+    with pytest.raises(ValidationError, match="through a VIP"):
+        Service("rr", ("front",), "dnsrr", flow_timeout=timeout)
