@@ -291,11 +291,31 @@ class Prober:
         self.sock.close()
 
 
-def measure_registry_dns(services: int, sandboxes: int) -> dict:
+def probe_loop(netns: str, name: str) -> None:
+    """Ask ``name`` in ``netns`` every millisecond until SIGTERM; print the gaps (ms) between
+    answers as JSON: the longest is how long the resolver stalled."""
+    import signal
+    prober = Prober(netns)
+    gaps: list[float] = []
+    stopped = []
+    signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+    last = time.perf_counter()
+    while not stopped:
+        try:
+            prober.ask(name)
+        except OSError:
+            continue
+        now = time.perf_counter()
+        gaps.append((now - last) * 1000)
+        last = now
+        time.sleep(0.001)
+    print(json.dumps(gaps))
+
+
+def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = None) -> dict:
     import os
     import shutil
     import tempfile
-    import threading
 
     from discovery.node.client import ApiClient
     from discovery.state.etcd import connect
@@ -371,23 +391,21 @@ def measure_registry_dns(services: int, sandboxes: int) -> dict:
                 time.sleep(0.001)
             waits.append((time.perf_counter() - started) * 1000)
         figures["dns_change_10k_ms"] = round(sorted(waits)[int(0.99 * (len(waits) - 1))], 1)
-        gaps: list[float] = []
-        stop = threading.Event()
-
-        def loop() -> None:
-            last = time.perf_counter()
-            while not stop.is_set():
-                prober.ask("s1")
-                now = time.perf_counter()
-                gaps.append((now - last) * 1000)
-                last = now
-                time.sleep(0.001)
-        runner = threading.Thread(target=loop)
-        runner.start()
-        asyncio.run(timed_creates([f"stall{i}" for i in range(100)]))
-        stop.set()
-        runner.join()
         prober.close()
+        # the loop runs in a process of its own: in this one it would wait on our own GIL
+        loop = subprocess.Popen([sys.executable, __file__, "--probe-loop", first["netns"], "s1"],
+                                stdout=subprocess.PIPE, text=True)
+        spy = None
+        if profile is not None:  # where the agent spends the changes (py-spy, pip install py-spy)
+            spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(agent_pid), "-d", "8", "-r", "250", "-f", "raw",
+                                    "-o", str(profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        asyncio.run(timed_creates([f"stall{i}" for i in range(100)]))
+        if spy is not None:
+            spy.wait(timeout=30)
+        time.sleep(0.5)
+        loop.terminate()
+        gaps = json.loads(loop.communicate(timeout=10)[0])
         figures["dns_stall_max_ms"] = round(max(gaps), 2)
         figures["dns_loop_p50_ms"] = round(statistics.median(gaps), 2)
         made = time.perf_counter()
@@ -433,8 +451,13 @@ def main() -> None:
     parser.add_argument("--iptables-services", type=int, default=2_000,
                         help="services for the iptables backend (default 2,000; 0 leaves it out)")
     parser.add_argument("--no-registry", action="store_true", help="leave out the etcd, agent and DNS figures")
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="record the agent with py-spy (raw, collapsed stacks) while the 100 services are created")
+    parser.add_argument("--probe-loop", nargs=2, metavar=("NETNS", "NAME"), help=argparse.SUPPRESS)
     parser.add_argument("--sweep", action="store_true", help="only remove what a crashed run left")
     args = parser.parse_args()
+    if args.probe_loop:
+        return probe_loop(*args.probe_loop)
     sweep()
     if args.sweep:
         return
@@ -447,7 +470,7 @@ def main() -> None:
     if not args.no_registry:
         print(f"registry and DNS: {args.services} services, a real agent, {args.sandboxes} sandboxes ...",
               file=sys.stderr)
-        figures.update(measure_registry_dns(args.services, args.sandboxes))
+        figures.update(measure_registry_dns(args.services, args.sandboxes, args.profile))
     if chosen != "iptables" and args.iptables_services:
         print(f"iptables at {args.iptables_services} services, one sandbox ...", file=sys.stderr)
         figures["iptables"] = measure_backend("iptables", args.iptables_services, 1, views)

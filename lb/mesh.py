@@ -90,7 +90,7 @@ def mesh_plan(view: View, node: str) -> MeshPlan:
 
     One pass over the endpoints of the networks that carry a published service, whatever the
     number of ports (run off the event loop: the View is immutable)."""
-    publishing = sorted((s for s in view.services.values() if s.published), key=lambda s: s.name)
+    publishing = sorted(view.published.values(), key=lambda s: s.name)
     if not publishing:
         return MeshPlan()
     tasks = _healthy_tasks(view, {s.name for s in publishing})

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from immutables import Map
+
 from discovery.state.view import NetworkSlice, View
 
 
@@ -44,17 +46,44 @@ class VipPlan:
 Plan = Mapping[IPv4Address, VipPlan]
 
 
-class VipTable(dict):
+class VipTable(Mapping):
     """One network's VIP -> VipPlan, remembering the table it was made from (weakly) and the
     VIPs that differ from it: a sandbox that applied an older table learns what to rewrite
-    by following ``base`` links instead of comparing every VIP."""
+    by following ``base`` links instead of comparing every VIP. A persistent map inside, so
+    a change costs O(log n) and the tables kept for the history share their structure."""
 
-    __slots__ = ("base", "changed", "__weakref__")
+    __slots__ = ("_map", "base", "changed", "__weakref__")
 
-    def __init__(self, *args, base: VipTable | None = None, changed: frozenset[IPv4Address] = frozenset()) -> None:
-        super().__init__(*args)
+    def __init__(self, entries: Map | None = None, base: VipTable | None = None,
+                 changed: frozenset[IPv4Address] = frozenset()) -> None:
+        self._map = entries if entries is not None else Map()
         self.base = weakref.ref(base) if base is not None else None
         self.changed = changed
+
+    def __getitem__(self, vip: IPv4Address) -> VipPlan:
+        return self._map[vip]
+
+    def get(self, vip, default=None):
+        return self._map.get(vip, default)
+
+    def __contains__(self, vip) -> bool:
+        return vip in self._map
+
+    def __iter__(self):
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def evolved(self, updates: Mapping[IPv4Address, VipPlan | None]) -> VipTable:
+        """A new table with ``updates`` applied (None: the VIP goes), based on this one."""
+        changing = self._map.mutate()
+        for vip, plan in updates.items():
+            if plan is None:
+                changing.pop(vip, None)
+            else:
+                changing[vip] = plan
+        return VipTable(changing.finish(), base=self, changed=frozenset(updates))
 
 
 EMPTY_TABLE = VipTable()
@@ -75,7 +104,7 @@ def changed_vips(old: Mapping[IPv4Address, VipPlan], new: VipTable) -> set[IPv4A
     return {vip for vip in old.keys() | new.keys() if old.get(vip) != new.get(vip)}
 
 
-HISTORY = 8  # tables kept alive per network, so a sandbox a few changes behind follows links
+HISTORY = 64  # tables kept alive per network (they share structure), so a lagging sandbox follows links
 
 
 def network_plans(view: View) -> dict[str, dict[IPv4Address, VipPlan]]:
@@ -123,12 +152,12 @@ def _build(piece: NetworkSlice) -> _Built:
     for container, endpoint in piece.endpoints.items():
         if endpoint.service:
             members.setdefault(endpoint.service, set()).add(container)
-    table = VipTable()
+    plans = {}
     for service in piece.services.values():
         plan = _plan(piece, service, members)
         if plan is not None:
-            table[plan.vip] = plan
-    return _Built(piece, table, members)
+            plans[plan.vip] = plan
+    return _Built(piece, VipTable(Map(plans)), members)
 
 
 def _plan(piece: NetworkSlice, service, members: Mapping[str, set[str]]) -> VipPlan | None:
@@ -154,25 +183,28 @@ def _update(done: _Built, piece: NetworkSlice) -> _Built:
         if after is not None and after.service:
             touched.add(after.service)
             members.setdefault(after.service, set()).add(container)
-    table = VipTable(done.table, base=done.table)
-    changed: set[IPv4Address] = set()
+    current = done.table
+    updates: dict[IPv4Address, VipPlan | None] = {}
+
+    def now(vip: IPv4Address) -> VipPlan | None:
+        return updates[vip] if vip in updates else current.get(vip)
+
     for name in touched:
         if not members.get(name):
             members.pop(name, None)
         before_service, after_service = old.services.get(name), piece.services.get(name)
-        previous = table.get(before_service.vips.get(piece.name)) if before_service is not None else None
+        previous = now(before_service.vips.get(piece.name)) if before_service is not None else None
         plan = _plan(piece, after_service, members) if after_service is not None else None
         if previous is not None and previous.service == name and (plan is None or plan.vip != previous.vip):
-            del table[previous.vip]
-            changed.add(previous.vip)
-        if plan is not None and table.get(plan.vip) != plan:
-            table[plan.vip] = plan
-            changed.add(plan.vip)
-    if not changed:  # no VIP moved: the same table, so sandboxes see nothing to do
-        table = done.table
-    else:
-        table.changed = frozenset(changed)
-        done.history.append(done.table)
+            updates[previous.vip] = None
+        if plan is not None and now(plan.vip) != plan:
+            updates[plan.vip] = plan
+    updates = {vip: plan for vip, plan in updates.items() if plan != current.get(vip)}
+    if updates:
+        table = current.evolved(updates)
+        done.history.append(current)
+    else:  # no VIP moved: the same table, so sandboxes see nothing to do
+        table = current
     updated = _Built(piece, table, members)
     updated.history = done.history
     return updated

@@ -138,6 +138,9 @@ class LbSync:
 
     def on_view(self, view: View) -> None:
         self.view = view
+        # planned for every View, not only those a sync picks up: each table is then made
+        # from the last per changed service (a skipped View would cost a whole network)
+        self.network_tables(view)
         self._has_view.set()
         for sandbox in self.sandboxes.values():
             sandbox.dirty.set()

@@ -91,6 +91,7 @@ class View:
     endpoints: Mapping[tuple[str, str], Endpoint] = field(default_factory=_empty)
     nodes: Mapping[str, Node] = field(default_factory=_empty)
     slices: Mapping[str, NetworkSlice] = field(default_factory=_empty)
+    published: Mapping[str, Service] = field(default_factory=_empty)  # services that publish a port
     created_at: float = field(default_factory=time.monotonic, compare=False)
 
     def endpoints_on(self, network: str) -> list[Endpoint]:
@@ -110,6 +111,7 @@ class View:
         service_moves: dict[str, dict[str, Service | None]] = {}
         endpoint_moves: dict[str, dict[str, Endpoint | None]] = {}
         touched: set[str] = set()
+        publishing: MapMutation | None = None
         for change in changes:
             split = keys.split(change.key)
             if split is None or split[0] not in _DECODERS:
@@ -140,6 +142,12 @@ class View:
             if kind == "networks":
                 touched.add(ident)
             elif kind == "services":
+                if publishing is None:
+                    publishing = self.published.mutate()
+                if obj is not None and obj.published:
+                    publishing[ident] = obj
+                else:
+                    publishing.pop(ident, None)
                 for network in _service_networks(old) - _service_networks(obj):
                     service_moves.setdefault(network, {})[ident] = None
                 for network in _service_networks(obj):
@@ -155,7 +163,8 @@ class View:
                 _reslice(changing, network, frozen["networks"].get(network),
                          service_moves.get(network, {}), endpoint_moves.get(network, {}))
             slices = changing.finish()
-        return View(revision=revision, slices=slices, **frozen)
+        published = publishing.finish() if publishing is not None else self.published
+        return View(revision=revision, slices=slices, published=published, **frozen)
 
     @classmethod
     def from_kvs(cls, kvs: Iterable[tuple[bytes, bytes]], revision: int, keys: KeyLayout) -> View:

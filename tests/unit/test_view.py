@@ -54,3 +54,18 @@ def test_key_layout_split():
     assert KEYS.split(b"/t/endpoints/n/c") == ("endpoints", ("n", "c"))
     assert KEYS.split(b"/tx/endpoints/n/c") is None
     assert KEYS.split(b"/t/bogus/x") is None
+
+
+def test_services_that_publish_a_port_are_indexed_as_they_change():
+    from discovery.state.model import PortSpec, Service
+
+    def put(service):
+        return Change(KEYS.service(service.name), json.dumps(service.to_dict()).encode())
+    web = Service("web", ("a",), ports=(PortSpec.parse("8080:80"),))
+    view = View().apply([put(web), put(Service("db", ("a",)))], 1, KEYS)
+    assert dict(view.published) == {"web": web}
+    quiet = Service("web", ("a",))
+    later = view.apply([put(quiet), put(Service("api", ("a",), ports=(PortSpec.parse("53:53/udp"),)))], 2, KEYS)
+    assert set(later.published) == {"api"}, "web stopped publishing, api started"
+    gone = later.apply([Change(KEYS.service("api"), None)], 3, KEYS)
+    assert not gone.published and dict(view.published) == {"web": web}, "earlier Views keep theirs"
