@@ -291,6 +291,17 @@ class Prober:
         self.sock.close()
 
 
+def agent_metrics(socket_path: Path) -> str:
+    """The agent's /metrics text, over its API socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(socket_path))
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: svcnet\r\nConnection: close\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).partition(b"\r\n\r\n")[2].decode()
+
+
 def probe_loop(netns: str, name: str) -> None:
     """Ask ``name`` in ``netns`` every millisecond until SIGTERM; print the gaps (ms) between
     answers as JSON: the longest is how long the resolver stalled."""
@@ -306,7 +317,7 @@ def probe_loop(netns: str, name: str) -> None:
         except OSError:
             continue
         now = time.perf_counter()
-        gaps.append((now - last) * 1000)
+        gaps.append(((now - last) * 1000, time.monotonic()))
         last = now
         time.sleep(0.001)
     print(json.dumps(gaps))
@@ -400,13 +411,23 @@ def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = N
             spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(agent_pid), "-d", "8", "-r", "250", "-f", "raw",
                                     "-o", str(profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
+        creates_at = time.monotonic()
         asyncio.run(timed_creates([f"stall{i}" for i in range(100)]))
+        creates_took = time.monotonic() - creates_at
         if spy is not None:
             spy.wait(timeout=30)
         time.sleep(0.5)
         loop.terminate()
-        gaps = json.loads(loop.communicate(timeout=10)[0])
+        timed_gaps = json.loads(loop.communicate(timeout=10)[0])
+        gaps = [gap for gap, _ in timed_gaps]
+        worst = sorted(timed_gaps, reverse=True)[:3]
+        print("  longest waits (ms, seconds after the first of 100 creates, which took "
+              f"{creates_took:.2f} s): " + ", ".join(f"{gap:.1f} at {at - creates_at:+.2f}" for gap, at in worst),
+              file=sys.stderr)
         figures["dns_stall_max_ms"] = round(max(gaps), 2)
+        pauses = [line for line in agent_metrics(home / "state" / "agent.sock").splitlines()
+                  if line.startswith("svcnet_gc_pause_seconds_") and ("_sum" in line or "_count" in line)]
+        print("  agent GC pauses: " + "; ".join(pauses), file=sys.stderr)
         figures["dns_loop_p50_ms"] = round(statistics.median(gaps), 2)
         made = time.perf_counter()
         for index in range(1, sandboxes):
@@ -417,6 +438,11 @@ def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = N
             rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
         figures["agent_rss_mb_100sb"] = round(rss_kb / 1024, 1)
     finally:
+        log_path = home / "state" / "agent.log"
+        if log_path.exists():  # what the agent said about its pauses, before the directory goes
+            for line in log_path.read_text(errors="replace").splitlines():
+                if "garbage collection" in line or "heap frozen" in line:
+                    print(f"  agent: {line}", file=sys.stderr)
         for name in created:
             subprocess.run([sys.executable, "-m", "discovery.cli", "rm", name], env=env, capture_output=True)
         if agent_pid is not None:

@@ -18,6 +18,7 @@ Everything after that is level-triggered from the View and the sandbox records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -32,6 +33,7 @@ from discovery import __version__, defaults
 from discovery.dns.resolver import DNAT_HINT, Resolver, ResolverConfig, SandboxServer
 from discovery.errors import EtcdUnavailableError, SvcnetError
 from discovery.files import write_atomically
+from discovery.gcpause import GcPauses, freeze, share_the_gil
 from discovery.host.sandbox import SandboxManager, SandboxRecord, SandboxSpec, restart_delay, should_restart
 from discovery.metrics import Metrics
 from discovery.procs import pid_alive
@@ -226,6 +228,16 @@ class NodeRuntime:
 
     # ---- lifecycle ---------------------------------------------------------------------
 
+    async def _freeze_when_settled(self) -> None:
+        """Once the first View from etcd is in and the sandboxes have synced to it, take the
+        steady heap out of the collector's reach (see discovery/gcpause.py); never returns."""
+        await self.watcher.ready()
+        for name in list(self.sandboxes.records):
+            with contextlib.suppress(Exception):
+                await self.lb.wait_synced(name, timeout=60)
+        freeze("first view served")
+        await asyncio.Event().wait()
+
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (blocking; uvloop where installed)."""
         lock = NodeLock(self.source.home, self.source.kind)
@@ -275,6 +287,8 @@ class NodeRuntime:
         for record in list(self.sandboxes.records.values()):
             self._serve_lb_and_health(record)
         self._register_metrics()
+        self.gc_pauses = GcPauses(self.metrics)
+        share_the_gil()
         self.api.route("GET", "/v1/info", self._info)
         self.api.route("GET", "/metrics", self._metrics)
         self.source.attach(self)
@@ -284,7 +298,8 @@ class NodeRuntime:
                    asyncio.create_task(self.lease.run(), name="lease"),
                    asyncio.create_task(self.lb.run(), name="lb-sync"),
                    asyncio.create_task(self.snapshots.run(), name="snapshot"),
-                   asyncio.create_task(self._watch_exits(), name="exits")]
+                   asyncio.create_task(self._watch_exits(), name="exits"),
+                   asyncio.create_task(self._freeze_when_settled(), name="gc-freeze")]
         running += [asyncio.create_task(task(), name=getattr(task, "__name__", "task")) for task in self.tasks]
         log.info("%s serving node=%s prefix=%s sandboxes=%d view_revision=%s lb=%s socket=%s", self.source.kind,
                  options.node, keys.prefix, len(self.sandboxes.records), self.watcher.view.revision,

@@ -54,17 +54,16 @@ class Encoder:
     def __init__(self) -> None:
         self._texts: dict[str, tuple[object, str]] = {}
         self._order: list[str] = []
+        self._tables: dict[str, tuple[object, dict[str, tuple[object, str]]]] = {}  # kind -> (table, texts)
 
     def texts(self, view: View, keys: KeyLayout) -> list[tuple[str, str]]:
-        objects = [(keys.network(n.name), n) for n in view.networks.values()]
-        objects += [(keys.service(s.name), s) for s in view.services.values()]
-        objects += [(keys.endpoint(*e.key), e) for e in view.endpoints.values()]
-        objects += [(keys.node(n.name), n) for n in view.nodes.values()]
-        known, texts = self._texts, {}
-        for raw_key, obj in objects:
-            key = raw_key.decode()
-            done = known.get(key)
-            texts[key] = done if done is not None and done[0] is obj else (obj, canonical(obj.to_dict()))
+        texts: dict[str, tuple[object, str]] = {}
+        for kind, table, key_of in (("networks", view.networks, lambda n: keys.network(n.name)),
+                                    ("services", view.services, lambda s: keys.service(s.name)),
+                                    ("endpoints", view.endpoints, lambda e: keys.endpoint(*e.key)),
+                                    ("nodes", view.nodes, lambda n: keys.node(n.name))):
+            texts.update(self._kind_texts(kind, table, key_of))
+        known = self._texts
         gone = [key for key in known if key not in texts]
         if gone:
             dropped = set(gone)
@@ -74,6 +73,21 @@ class Encoder:
                 bisect.insort(self._order, key)
         self._texts = texts
         return [(key, texts[key][1]) for key in self._order]
+
+    def _kind_texts(self, kind: str, table, key_of) -> dict[str, tuple[object, str]]:
+        """One kind's texts; a table that is the very one of the last save (the View's maps
+        are persistent: an untouched kind keeps its map) is not walked at all."""
+        last = self._tables.get(kind)
+        if last is not None and last[0] is table:
+            return last[1]
+        before = last[1] if last is not None else {}
+        texts = {}
+        for obj in table.values():
+            key = key_of(obj).decode()
+            done = before.get(key)
+            texts[key] = done if done is not None and done[0] is obj else (obj, canonical(obj.to_dict()))
+        self._tables[kind] = (table, texts)
+        return texts
 
 
 def save(view: View, keys: KeyLayout, path: Path, encoder: Encoder | None = None) -> None:
