@@ -10,6 +10,7 @@ is observed in ``svcnet_gc_pause_seconds{generation}``.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
@@ -55,6 +56,23 @@ def share_the_gil() -> None:
     at a small cost in switches."""
     import sys
     sys.setswitchinterval(SWITCH_INTERVAL)
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim). A sandbox's
+    first sync builds and parses one transaction of 30,000 elements: ~40 MB that libnftables
+    frees but glibc keeps, once per arena, which 100 sandboxes synced by four threads turn
+    into resident memory that is never used again (measured: 94 -> 54 MB after one load)."""
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    return ctypes.CDLL("libc.so.6")
 
 
 def freeze(reason: str) -> None:

@@ -19,6 +19,7 @@ import logging
 import time
 from pathlib import Path
 
+from discovery.gcpause import release_free_memory
 from discovery.metrics import Metrics
 from discovery.state.view import View
 
@@ -30,6 +31,7 @@ from .plan import EMPTY_TABLE, Plan, PlanCache, VipTable, changed_vips, rule_cou
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "ipvs", "nftables", "iptables")
+TRIM_AFTER = 1000  # rules or elements written by one sync before the C heap's free pages are handed back
 
 
 def make_backend(choice: str, drain_grace: float):
@@ -252,6 +254,8 @@ class LbSync:
                 sandbox.cleared = True
             kernel, result = await asyncio.to_thread(self.backend.sync, sandbox.netns, sandbox.kernel, desired,
                                                      changed if not drain_due else None)
+            if changed is None and result.rules_written > TRIM_AFTER:
+                await asyncio.to_thread(release_free_memory)
         except Exception as exc:
             self.syncs.inc("error")
             log.error("lb sync failed sandbox=%s backend=%s error=%r", sandbox.name, self.backend.name, exc)
