@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-from discovery.host.nft import Nft, NftError
+from discovery.host.nft import Nft, NftError, chain_rules
 
 from .iptables import SyncResult
 from .plan import Plan, VipPlan
@@ -391,38 +391,18 @@ def _read_element(state: NftState, name: str, element) -> None:
 def _shape_is_ours(nft: Nft, state: NftState) -> bool:
     """Sets, maps and chains exactly as svcnet declares them; records the pick chains found."""
     listing = nft.run_terse(f"list table {TABLE}")
-    chains = _chain_bodies(listing)
+    chains = chain_rules(listing)
     for chain, rules in CHAIN_RULES.items():
-        if chains.pop(chain, None) is None or _rules_of(listing, chain) != rules:
+        if chains.pop(chain, None) != rules:
             return False
     if "flows" in chains:
-        chains.pop("flows")
-        state.flow_rules = _rules_of(listing, "flows")
+        state.flow_rules = chains.pop("flows")
     for chain in chains:
         if not chain.startswith("pick-") or not chain[5:].isdigit():
             return False
         count = int(chain[5:])
-        if _rules_of(listing, chain) != [pick_rule(count)]:
+        if chains[chain] != [pick_rule(count)]:
             return False
         state.picks[count] += 0  # present; counted by the services elements read next
     return all(f"\t{kind} {name} {{" in listing for kind, name in (("map", "services"), ("map", "backends"),
                                                                    ("set", "empty")))
-
-
-def _chain_bodies(listing: str) -> dict[str, list[str]]:
-    bodies: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for raw in listing.splitlines():
-        line = raw.strip()
-        if line.startswith("chain ") and line.endswith("{"):
-            current = bodies.setdefault(line.split()[1], [])
-        elif line == "}":
-            current = None
-        elif current is not None and line:
-            current.append(line)
-    return bodies
-
-
-def _rules_of(listing: str, chain: str) -> list[str]:
-    """A chain's rules (its hook declaration left out)."""
-    return [line for line in _chain_bodies(listing).get(chain, []) if not line.startswith("type ")]

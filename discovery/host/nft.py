@@ -108,6 +108,21 @@ class Nft:
         return output
 
 
+def chain_rules(listing: str) -> dict[str, list[str]]:
+    """Chain -> its rules as nft prints them (the hook declaration left out), from a listing."""
+    chains: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for raw in listing.splitlines():
+        line = raw.strip()
+        if line.startswith("chain ") and line.endswith("{"):
+            current = chains.setdefault(line.split()[1], [])
+        elif line == "}":
+            current = None
+        elif current is not None and line and not line.startswith("type "):
+            current.append(line)
+    return chains
+
+
 @functools.cache
 def nft_available() -> bool:
     """libnftables loads and the kernel answers nf_tables requests (asked once per process)."""

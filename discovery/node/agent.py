@@ -102,6 +102,7 @@ class HostSync:
 
         mesh_iptables.remove(self.prefix)
         mesh_ipvs.remove(self.prefix)
+        _remove_nftables_mesh(self.prefix)
         mesh_keep.remove(self.prefix)
 
     def desired_peers(self, view: View) -> dict:
@@ -145,13 +146,23 @@ class HostSync:
         before = self._mesh_last.by_key() if self._mesh_last is not None else {}
         first = self._mesh_applied is None and self._mesh_last is None
         self._mesh_applied = None  # until it is in: a failure makes the next sync converge again
+        # first sync: what another backend left (an agent restarted with another --lb-backend)
+        # would DNAT before ours
         if self.mesh_backend == "ipvs":
-            if first:  # the agent ran with the iptables backend before: its DNAT would come first
+            if first:
                 mesh_iptables.remove(self.prefix, keep_postrouting=True)
+                _remove_nftables_mesh(self.prefix)
             mesh_ipvs.sync(self.prefix, mesh)
+        elif self.mesh_backend == "nftables":
+            if first:
+                mesh_iptables.remove(self.prefix)
+                mesh_ipvs.remove(self.prefix)
+            from lb import mesh_nftables
+            mesh_nftables.sync(self.prefix, mesh)
         else:
             if first:
                 mesh_ipvs.remove(self.prefix)
+                _remove_nftables_mesh(self.prefix)
             mesh_iptables.sync(self.prefix, mesh)
         mesh_keep.sync(self.prefix, mesh.returns)
         self._mesh_applied = self._mesh_last = mesh
@@ -371,6 +382,14 @@ class AgentSandboxes:
         except TRANSIENT_ERRORS as exc:
             raise EtcdUnavailableError(f"etcd is unreachable, cannot deregister: {type(exc).__name__}") from None
         return {"removed": name}
+
+
+def _remove_nftables_mesh(prefix: str) -> None:
+    from discovery.host.nft import nft_available
+
+    if nft_available():
+        from lb import mesh_nftables
+        mesh_nftables.remove(prefix)
 
 
 def run_agent(options: NodeOptions) -> int:
