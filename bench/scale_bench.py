@@ -518,7 +518,10 @@ def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = N
                                 stdout=subprocess.PIPE, text=True)
         spy = None
         if profile is not None:  # where the agent spends the changes (py-spy, pip install py-spy)
-            spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(agent_pid), "-d", "8", "-r", "250", "-f", "raw",
+            tool = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            if not Path(tool).exists():
+                raise SystemExit("--profile needs py-spy: .venv/bin/pip install -e '.[bench]' (scripts/bench.sh does)")
+            spy = subprocess.Popen([tool, "record", "-p", str(agent_pid), "-d", "8", "-r", "250", "-f", "raw",
                                     "-o", str(profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
         creates_at = time.monotonic()

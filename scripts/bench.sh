@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+.venv/bin/python -m pip install -q -e '.[bench]' --config-settings editable_mode=compat  # py-spy, for --profile
 if [[ ${1:-} == scale ]]; then
     shift
     exec .venv/bin/python bench/scale_bench.py "$@"
