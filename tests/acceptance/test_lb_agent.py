@@ -217,7 +217,7 @@ def test_a_removed_task_leaves_the_vip(node):
 
 def test_a_published_port_answers_on_this_host_and_follows_its_tasks(node):
     """The routing mesh on one node, with the agent's backend (IPVS fwmark services in the
-    VM lane, DNAT chains here): this host's address on the network, from the host itself and
+    VM lane, the nftables mesh table here): this host's address on the network, from the host itself and
     from a sandbox (hairpin), TCP and UDP; a removed task leaves at once."""
     from lb.mesh import Backend, MeshPort
     from lb.mesh_ipvs import fwmark
@@ -258,6 +258,9 @@ def test_a_published_port_answers_on_this_host_and_follows_its_tasks(node):
     if node.backend == "ipvs":
         tcp = fwmark(MeshPort(18080, "tcp", "pub", "ingress", "nat", (Backend(IPv4Address(gateway), 8080, ""),)))
         assert set(ipvs_table(here).get(tcp, {})) == set(tasks.values()), ipvs_table(here)
+    elif node.backend == "nftables":  # the port's chain in the mesh table: its tasks as "address . port"
+        ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
+        assert "table ip svcnet-mesh-" in ruleset and all(f"{a} . 8080" in ruleset for a in tasks.values()), ruleset
     else:
         assert all(f"--to-destination {a}:8080" in nat_rules(here) for a in tasks.values())
     gone = sorted(tasks)[1]
