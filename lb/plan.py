@@ -221,29 +221,19 @@ def plan_for(view: View, attached: Sequence[str],
     return plan
 
 
-@dataclass(frozen=True)
-class PlanDiff:
-    added: tuple[VipPlan, ...]
-    changed: tuple[tuple[VipPlan, VipPlan], ...]  # (old, new)
-    removed: tuple[VipPlan, ...]
-
-    @property
-    def empty(self) -> bool:
-        return not (self.added or self.changed or self.removed)
-
-    def lost_backends(self) -> dict[IPv4Address, set[IPv4Address]]:
-        """VIP -> backends that stopped serving it (for conntrack cleanup and draining)."""
-        lost = {old.vip: set(old.backends) - set(new.backends) for old, new in self.changed}
-        lost.update({old.vip: set(old.backends) for old in self.removed})
-        return {vip: gone for vip, gone in lost.items() if gone}
-
-
-def diff(current: Plan, desired: Plan) -> PlanDiff:
-    added = tuple(desired[v] for v in sorted(desired.keys() - current.keys()))
-    removed = tuple(current[v] for v in sorted(current.keys() - desired.keys()))
-    changed = tuple((current[v], desired[v]) for v in sorted(current.keys() & desired.keys())
-                    if current[v] != desired[v])
-    return PlanDiff(added, changed, removed)
+def lost_backends(old: Plan, new: Plan, vips: Iterable[IPv4Address] | None = None) -> dict[IPv4Address, set[IPv4Address]]:
+    """VIP -> backends that stopped serving it from ``old`` to ``new`` (for conntrack cleanup);
+    ``vips``: the only VIPs that may differ (None: all of ``old``)."""
+    lost = {}
+    for vip in vips if vips is not None else old.keys():
+        before = old.get(vip)
+        if before is None:
+            continue
+        after = new.get(vip)
+        gone = set(before.backends) - set(after.backends if after is not None else ())
+        if gone:
+            lost[vip] = gone
+    return lost
 
 
 def rule_count(plans: Iterable[VipPlan]) -> int:

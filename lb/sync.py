@@ -26,7 +26,7 @@ from discovery.state.view import View
 from .conntrack import forget_udp_flows
 from .iptables import IptablesBackend
 from .ipvs import IpvsBackend, ipvs_available
-from .plan import EMPTY_TABLE, Plan, PlanCache, VipTable, changed_vips, rule_count
+from .plan import EMPTY_TABLE, Plan, PlanCache, VipTable, changed_vips, lost_backends, rule_count
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class LbSync:
             log.error("lb sync failed sandbox=%s backend=%s error=%r", sandbox.name, self.backend.name, exc)
             sandbox.kernel = None  # read the kernel again next time
             return False
-        lost = _lost(sandbox.plan or {}, desired, changed)
+        lost = lost_backends(sandbox.plan or {}, desired, changed)
         sandbox.tables, sandbox.plan, sandbox.kernel, sandbox.revision = tables, desired, kernel, view.revision
         sandbox.deadline = self.backend.next_deadline(kernel)
         if lost:  # after the rules, not before the next sandbox: a dump costs ~10 ms in the kernel
@@ -327,18 +327,3 @@ def _changed(sandbox: _Sandbox, tables: tuple[VipTable, ...]) -> set | None:
         if old is not new:
             changed |= changed_vips(old, new)
     return changed
-
-
-def _lost(old: Plan, new: Plan, changed: set | None) -> dict:
-    """VIP -> backends that stopped serving it (for conntrack cleanup)."""
-    vips = changed if changed is not None else old.keys()
-    lost = {}
-    for vip in vips:
-        before = old.get(vip)
-        if before is None:
-            continue
-        after = new.get(vip)
-        gone = set(before.backends) - set(after.backends if after is not None else ())
-        if gone:
-            lost[vip] = gone
-    return lost
