@@ -61,7 +61,7 @@ class Entry:
     """One memoized reply, minus the ID. ``static`` is the whole rest when it never changes;
     otherwise ``head`` + shuffled ``rrs`` + ``tail``. ``hits`` feeds the metrics."""
 
-    __slots__ = ("static", "head", "rrs", "tail", "qtype", "rcode", "truncated", "hits")
+    __slots__ = ("static", "head", "rrs", "tail", "qtype", "rcode", "truncated", "hits", "refs")
 
     def __init__(self, static: bytes | None, head: bytes, rrs: tuple[bytes, ...], tail: bytes,
                  qtype: int, rcode: int, truncated: bool) -> None:
@@ -73,6 +73,7 @@ class Entry:
         self.rcode = rcode
         self.truncated = truncated
         self.hits = 0
+        self.refs = 0  # cache keys it is held under (a raw and a normalized one)
 
     def reply(self, query_id: bytes) -> bytes:
         if self.static is not None:

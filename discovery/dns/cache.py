@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .answers import Entry
 from .wire import read_name
@@ -48,11 +48,12 @@ def with_question(entry: Entry, question: bytes) -> Entry:
 class Budget:
     """Bytes held by every cache of the process, and the eviction queue."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_evict: Callable[[list[Entry]], None] | None = None) -> None:
         self.limit = limit
         self.used = 0
         self.entries = 0
         self.evicted = 0
+        self.on_evict = on_evict  # the resolver folds an evicted entry's hits into its counters
         self._queue: deque[tuple[ReplyCache, object, Entry, int]] = deque()
 
     def charge(self, cache: ReplyCache, key, entry: Entry) -> None:
@@ -78,8 +79,10 @@ class Budget:
                 second_chances -= 1
                 self._queue.append((cache, key, entry, entry.hits))
                 continue
-            cache.remove(key)
+            gone = cache.remove(key)
             self.evicted += 1
+            if gone is not None and self.on_evict is not None:
+                self.on_evict([gone])
 
     def _compact(self) -> None:
         self._queue = deque(item for item in self._queue if item[0].holds(item[1], item[2]))
@@ -109,22 +112,26 @@ class ReplyCache:
         if key in table:
             self.remove(key)
         table[key] = entry
+        entry.refs += 1
         self._tags.setdefault(tag, set()).add(key)
         self._tag_of[key] = tag
         self.budget.charge(self, key, entry)
 
     def remove(self, key) -> Entry | None:
+        """Forget ``key``; returns its entry once no key holds it any more (its hits are
+        then final), else None."""
         table = self.raw if isinstance(key, bytes) else self.normal
         entry = table.pop(key, None)
         if entry is None:
             return None
+        entry.refs -= 1
         tag = self._tag_of.pop(key)
         keys = self._tags[tag]
         keys.discard(key)
         if not keys:
             del self._tags[tag]
         self.budget.refund(key, entry)
-        return entry
+        return entry if entry.refs == 0 else None
 
     def drop(self, tags: Iterable[str]) -> list[Entry]:
         """Forget the entries looked up under any of ``tags``; returns them (for their hits)."""
@@ -140,6 +147,7 @@ class ReplyCache:
         dropped = [*self.raw.values(), *self.normal.values()]
         for key, entry in (*self.raw.items(), *self.normal.items()):
             self.budget.refund(key, entry)
+            entry.refs = 0
         self.raw.clear()
         self.normal.clear()
         self._tags.clear()

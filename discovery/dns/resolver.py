@@ -92,7 +92,7 @@ class Resolver:
         self.forwarder = Forwarder(list(config.upstreams), config.upstream_timeout, metrics)
         self._tasks: set[asyncio.Task] = set()
         self._folded: Tally = Tally()  # (qtype, rcode, truncated) -> hits of dropped cache entries
-        self.budget = Budget(config.cache_bytes)
+        self.budget = Budget(config.cache_bytes, on_evict=self._fold)
         self.queries = metrics.counter("svcnet_dns_queries_total", "Queries answered, by type, rcode and source.",
                                        ("qtype", "rcode", "source"))
         self.truncations = metrics.counter("svcnet_dns_truncated_total",

@@ -117,6 +117,9 @@ def test_a_cache_filled_past_its_budget_stays_within_it():
     assert world.resolver.budget.evicted > 0
     assert 0 < world.resolver.budget.entries < 3000
     text = world.metrics.render()
+    asked = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("svcnet_dns_queries_total{") and 'source="local"' in line)
+    assert asked == 3000, "every answer counted once, evicted or not (a counter never goes back)"
     assert f"svcnet_dns_cache_budget_bytes {budget}" in text
     assert "svcnet_dns_cache_evictions_total 0" not in text
     # what stays still answers right
