@@ -32,6 +32,7 @@ from tests.helpers import (
     expected_lb_backend,
     ipvs_sysctls,
     ipvs_table,
+    lb_backends,
     lb_rules,
     metric_value,
     nat_rules,
@@ -123,14 +124,18 @@ class Node:
         return f"--to-destination {address}" in rules if self.backend == "iptables" else f": {address}" in rules
 
 
-@pytest.fixture(scope="module")
-def node(etcd, upstream, tmp_path_factory):
+@pytest.fixture(scope="module", params=lb_backends())
+def node(etcd, upstream, tmp_path_factory, request):
+    """One agent for the module, on each backend of ``lb_backends()``: what ``auto`` picks here
+    (left to ``auto``, so its choice is tested) and the others named with --lb-backend."""
     require_root()
     require_tools("ip", "nsenter", "etcd", "iptables-legacy-save")
     home = tmp_path_factory.mktemp("lbagent")
     flags = home / "health"
     flags.mkdir()
     cli = Cli(etcd.url, "t" + secrets.token_hex(3), home / "state", upstream.address)
+    if request.param != expected_lb_backend():
+        cli.env["SVCNET_LB_BACKEND"] = request.param
     try:
         yield Node(cli, flags)
     finally:
@@ -138,8 +143,8 @@ def node(etcd, upstream, tmp_path_factory):
 
 
 def test_auto_picks_the_kernel_backend_with_its_settings_and_metrics(node):
-    backend = expected_lb_backend()
-    assert node.backend == backend, "--lb-backend auto"
+    backend = node.cli.env.get("SVCNET_LB_BACKEND") or expected_lb_backend()
+    assert node.backend == backend, "--lb-backend auto, or the one named"
     assert all(r["health"] == "healthy" for r in node.records()), node.diagnosis()
     metrics = node.cli.metrics()
     assert metric_value(metrics, "svcnet_lb_backend_info", backend=backend) == 1
