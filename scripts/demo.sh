@@ -68,7 +68,11 @@ echo; echo "== What svcnet left on the host (nothing)"
 prefix=/svcnet-compose
 tag=$(.venv/bin/python -c "from discovery.host import firewall; print(firewall.chain_names('$prefix')[0].split('-')[-1])")
 check "svcnet bridges" 0 "$(ip -d -o link show type bridge | grep -c "svcnet:$prefix:" || true)"
-check "svcnet veths" 0 "$(ip -o link show type veth | grep -cE ': sv[0-9a-f]{10}@' || true)"
+veths() { ip -o link show type veth | grep -cE ': sv[0-9a-f]{10}@' || true; }
+# a container's veth pair goes with its netns, which the kernel frees in the background once
+# its last process and pin are gone: give it up to 10 s (seen taking over a second in CI)
+for _ in $(seq 50); do [[ $(veths) == 0 ]] && break; sleep 0.2; done
+check "svcnet veths" 0 "$(veths)"
 check "svcnet chains (legacy)" 0 "$( (iptables-legacy-save; iptables-legacy-save -t nat; iptables-legacy-save -t raw; iptables-legacy-save -t mangle) 2>/dev/null | grep -c "$tag" || true)"
 check "svcnet chains (nft)" 0 "$(iptables-nft-save 2>/dev/null | grep -c "$tag" || true)"
 containers=$(docker ps -aq --filter label=com.docker.compose.project=svcnet | wc -l) || containers="? (docker ps failed)"
