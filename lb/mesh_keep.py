@@ -71,6 +71,8 @@ def sync(prefix: str, paths: tuple[ReturnPath, ...]) -> int:
     with LOCK:
         mangle = fresh_table("mangle")
         try:
+            if not paths and not mangle.is_chain(chain):  # no empty chain for an agent without keep ports
+                return _sync_routes(prefix, paths)
             changed += converge_jumped(mangle, chain, mangle_rules(prefix, paths), ("PREROUTING",) if paths else ())
             if changed:
                 mangle.commit()

@@ -91,19 +91,23 @@ class HostSync:
                      view.revision, len(view.networks), self.last_duration * 1000)
 
     def remove_all(self) -> None:
+        """Everything this prefix made on the host; one piece that fails (a sync of the
+        stopping agent racing it, say) is logged and does not keep the others."""
         from discovery.host import firewall, netlink, overlay
-
-        for ifname in overlay.list_vxlans(self.prefix).values():
-            overlay.remove_vxlan(ifname)
-        for bridge in netlink.list_bridges(self.prefix).values():
-            netlink.remove_link(bridge.ifname)
-        firewall.remove(self.prefix)
         from lb import mesh_iptables, mesh_ipvs, mesh_keep
 
-        mesh_iptables.remove(self.prefix)
-        mesh_ipvs.remove(self.prefix)
-        _remove_nftables_mesh(self.prefix)
-        mesh_keep.remove(self.prefix)
+        def links() -> None:
+            for ifname in overlay.list_vxlans(self.prefix).values():
+                overlay.remove_vxlan(ifname)
+            for bridge in netlink.list_bridges(self.prefix).values():
+                netlink.remove_link(bridge.ifname)
+        for step in (links, lambda: firewall.remove(self.prefix), lambda: mesh_iptables.remove(self.prefix),
+                     lambda: mesh_ipvs.remove(self.prefix), lambda: _remove_nftables_mesh(self.prefix),
+                     lambda: mesh_keep.remove(self.prefix)):
+            try:
+                step()
+            except Exception as exc:
+                log.error("host cleanup step failed; the rest goes on prefix=%s error=%r", self.prefix, exc)
 
     def desired_peers(self, view: View) -> dict:
         """Overlay network -> (this node's own address on it, the remote endpoints and nodes its
