@@ -109,6 +109,8 @@ def sync(prefix: str, plan: MeshPlan) -> int:
         held = _written.get(prefix)
         if held is None:
             held = _read(nft, table)
+        if held is None and not plan.ports and not plan.masquerades:
+            return 0  # nothing published: no table (an empty one per agent would pile up)
         commands, changed = _diff(table, held, wanted)
         if commands:
             try:

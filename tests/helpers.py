@@ -235,6 +235,10 @@ def sweep(run_id: str, prefix: str, state_dir: Path | None = None) -> None:
     mesh_iptables.remove(prefix)
     mesh_ipvs.remove(prefix)
     mesh_keep.remove(prefix)
+    from discovery.host.nft import nft_available
+    if nft_available():
+        from lb import mesh_nftables
+        mesh_nftables.remove(prefix)
 
 
 def time_scale() -> float:
