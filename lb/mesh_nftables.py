@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from discovery.host.firewall import MESH_MARK, prefix_tag
 from discovery.host.netlink import bridge_name
-from discovery.host.nft import Nft, chain_rules
+from discovery.host.nft import Nft, chain_rules, nft_available
 
 from .mesh import MeshPlan, MeshPort
 
@@ -179,8 +179,11 @@ def _read(nft: Nft, table: str) -> Written | None:
 
 
 def remove(prefix: str) -> None:
-    """Take the mesh table out (the agent stops, or switches to another backend)."""
+    """Take the mesh table out (the agent stops, or switches to another backend); nothing to
+    do where nftables is not usable (no such table can exist)."""
     forget(prefix)
+    if not nft_available():
+        return
     table = table_name(prefix)
     nft = Nft()
     try:

@@ -231,14 +231,11 @@ def sweep(run_id: str, prefix: str, state_dir: Path | None = None) -> None:
     for bridge in netlink.list_bridges(prefix).values():
         netlink.remove_link(bridge.ifname)
     firewall.remove(prefix)
-    from lb import mesh_iptables, mesh_ipvs, mesh_keep
+    from lb import mesh_iptables, mesh_ipvs, mesh_keep, mesh_nftables
     mesh_iptables.remove(prefix)
     mesh_ipvs.remove(prefix)
     mesh_keep.remove(prefix)
-    from discovery.host.nft import nft_available
-    if nft_available():
-        from lb import mesh_nftables
-        mesh_nftables.remove(prefix)
+    mesh_nftables.remove(prefix)
 
 
 def time_scale() -> float:

@@ -94,7 +94,7 @@ class HostSync:
         """Everything this prefix made on the host; one piece that fails (a sync of the
         stopping agent racing it, say) is logged and does not keep the others."""
         from discovery.host import firewall, netlink, overlay
-        from lb import mesh_iptables, mesh_ipvs, mesh_keep
+        from lb import mesh_iptables, mesh_ipvs, mesh_keep, mesh_nftables
 
         def links() -> None:
             for ifname in overlay.list_vxlans(self.prefix).values():
@@ -102,7 +102,7 @@ class HostSync:
             for bridge in netlink.list_bridges(self.prefix).values():
                 netlink.remove_link(bridge.ifname)
         for step in (links, lambda: firewall.remove(self.prefix), lambda: mesh_iptables.remove(self.prefix),
-                     lambda: mesh_ipvs.remove(self.prefix), lambda: _remove_nftables_mesh(self.prefix),
+                     lambda: mesh_ipvs.remove(self.prefix), lambda: mesh_nftables.remove(self.prefix),
                      lambda: mesh_keep.remove(self.prefix)):
             try:
                 step()
@@ -144,7 +144,7 @@ class HostSync:
             self._apply_mesh(mesh)
 
     def _apply_mesh(self, mesh: MeshPlan) -> None:
-        from lb import mesh_iptables, mesh_ipvs, mesh_keep
+        from lb import mesh_iptables, mesh_ipvs, mesh_keep, mesh_nftables
         from lb.conntrack import forget_mesh_udp_flows
 
         before = self._mesh_last.by_key() if self._mesh_last is not None else {}
@@ -155,18 +155,17 @@ class HostSync:
         if self.mesh_backend == "ipvs":
             if first:
                 mesh_iptables.remove(self.prefix, keep_postrouting=True)
-                _remove_nftables_mesh(self.prefix)
+                mesh_nftables.remove(self.prefix)
             mesh_ipvs.sync(self.prefix, mesh)
         elif self.mesh_backend == "nftables":
             if first:
                 mesh_iptables.remove(self.prefix)
                 mesh_ipvs.remove(self.prefix)
-            from lb import mesh_nftables
             mesh_nftables.sync(self.prefix, mesh)
         else:
             if first:
                 mesh_ipvs.remove(self.prefix)
-                _remove_nftables_mesh(self.prefix)
+                mesh_nftables.remove(self.prefix)
             mesh_iptables.sync(self.prefix, mesh)
         mesh_keep.sync(self.prefix, mesh.returns)
         self._mesh_applied = self._mesh_last = mesh
@@ -386,14 +385,6 @@ class AgentSandboxes:
         except TRANSIENT_ERRORS as exc:
             raise EtcdUnavailableError(f"etcd is unreachable, cannot deregister: {type(exc).__name__}") from None
         return {"removed": name}
-
-
-def _remove_nftables_mesh(prefix: str) -> None:
-    from discovery.host.nft import nft_available
-
-    if nft_available():
-        from lb import mesh_nftables
-        mesh_nftables.remove(prefix)
 
 
 def run_agent(options: NodeOptions) -> int:
