@@ -18,13 +18,32 @@ from iptc import easy
 LOCK = threading.RLock()
 
 
+def tables_in_use() -> set[str]:
+    """The legacy tables instantiated in this thread's netns."""
+    try:
+        return set(Path("/proc/thread-self/net/ip_tables_names").read_text().split())
+    except OSError:
+        return set(iptc.Table.ALL)
+
+
 def table_in_use(name: str) -> bool:
     """Is the legacy table instantiated in this thread's netns? Asking libiptc would create it,
     and then every packet passes its (empty) chains."""
-    try:
-        return name in Path("/proc/thread-self/net/ip_tables_names").read_text().split()
-    except OSError:
-        return True
+    return name in tables_in_use()
+
+
+def _tables_here(rule: iptc.Rule) -> list[iptc.Table]:
+    in_use = tables_in_use()
+    return [iptc.Table(name) for name in iptc.Table.ALL if name in in_use]
+
+
+# python-iptables decides whether a target such as CT or CONNMARK is a jump to a user chain
+# by looking for a chain of that name in every table it deems available, and it deems a
+# table available by opening it: one encoded CT rule instantiated all five legacy tables in
+# the netns (measured: security and mangle appeared in every host), and from then on every
+# packet there, bridged overlay frames included, walked their empty chains. A table this
+# netns does not hold has no chain to jump to: ask the kernel's list instead.
+iptc.ip4tc.Rule.tables = property(_tables_here)
 
 
 def fresh_table(name: str) -> iptc.Table:

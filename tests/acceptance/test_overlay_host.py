@@ -5,9 +5,13 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import subprocess
+import sys
+from pathlib import Path
 
 from discovery.host import overlay
 from tests.helpers import require_root, require_tools, wait
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ip(*args: str) -> str:
@@ -44,3 +48,30 @@ def test_a_new_node_address_moves_the_bridge_mac_and_neighbours_learn_it_at_once
     finally:
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+def test_the_host_rules_instantiate_only_the_legacy_tables_they_use():
+    """Every legacy table that exists in a netns is walked by every packet there, bridged overlay
+    frames included. The host firewall uses raw, filter and nat; python-iptables used to open
+    all five tables (security and mangle too) to decide whether CT was a chain name."""
+    require_root()
+    require_tools("ip")
+    netns = f"svcnet-tables-{secrets.token_hex(3)}"
+    script = (
+        "import ipaddress\n"
+        "from pathlib import Path\n"
+        "from discovery.host import firewall\n"
+        "from discovery.state.model import Network\n"
+        "net = Network('ov', ipaddress.IPv4Network('10.251.0.0/24'), ipaddress.IPv4Address('10.251.0.1'),"
+        " driver='overlay', vni=4096)\n"
+        "assert firewall.sync('/svcnet-tables', [net], vxlan_port=4789)\n"
+        "print(' '.join(sorted(Path('/proc/self/net/ip_tables_names').read_text().split())))\n"
+    )
+    try:
+        _ip("netns", "add", netns)
+        result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", script], capture_output=True,
+                                text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["filter", "nat", "raw"]
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
