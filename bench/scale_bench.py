@@ -399,6 +399,11 @@ def dnsperf_qps(netns: str, server: str, query_file: Path, seconds: int = 5) -> 
     return float(match.split(":")[1])
 
 
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return round(next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024, 1)
+
+
 def agent_metrics(socket_path: Path) -> str:
     """The agent's /metrics text, over its API socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -543,14 +548,16 @@ def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = N
         print("  agent GC pauses: " + "; ".join(pauses), file=sys.stderr)
         figures["dns_loop_p50_ms"] = round(statistics.median(gaps), 2)
         figures.update(nx_mix(first["netns"], services, upstream_port, home))
+        one_sandbox_mb = rss_mb(agent_pid)
         made = time.perf_counter()
         for index in range(1, sandboxes):
             api.call("POST", "/v1/sandboxes", {"name": f"{RUN}-sb{index}", "networks": [network]})
             created.append(f"{RUN}-sb{index}")
         print(f"  {sandboxes} sandboxes made in {time.perf_counter() - made:.1f} s", file=sys.stderr)
-        with open(f"/proc/{agent_pid}/status") as status:
-            rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-        figures["agent_rss_mb_100sb"] = round(rss_kb / 1024, 1)
+        figures["agent_rss_mb_100sb"] = rss_mb(agent_pid)
+        print(f"  agent RSS: {one_sandbox_mb} MB with one sandbox, {figures['agent_rss_mb_100sb']} MB with "
+              f"{sandboxes} ({(figures['agent_rss_mb_100sb'] - one_sandbox_mb) / max(1, sandboxes - 1):.2f} MB each); "
+              f"{len(os.listdir(f'/proc/{agent_pid}/task'))} threads", file=sys.stderr)
     finally:
         log_path = home / "state" / "agent.log"
         if log_path.exists():  # what the agent said about its pauses, before the directory goes

@@ -190,6 +190,7 @@ class NftablesBackend:
         if edit.commands:
             try:
                 state.nft.run(edit.text())
+                state.nft.drop_cache()
             except NftError:
                 state.nft.close()
                 raise

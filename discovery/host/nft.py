@@ -85,6 +85,16 @@ class Nft:
         """Run ``commands`` (nft syntax, one transaction); returns nft's output."""
         return self._run(commands, 0)
 
+    def drop_cache(self) -> None:
+        """Free the copy of the ruleset the last command fetched.
+
+        libnftables keeps it until a later command finds the ruleset's generation changed,
+        and our own commit always changes it, so it is never reused: it only held ~0.7 MB
+        per sandbox after one change among 10,000 services (70 MB over 100 sandboxes). An
+        empty command sees the new generation and lets it go; it costs one netlink round
+        trip."""
+        self._run("\n", 0)
+
     def run_json(self, commands: str) -> dict:
         """Run a listing with JSON output, parsed."""
         text = self._run(commands, _OUTPUT_JSON)
