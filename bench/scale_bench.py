@@ -565,6 +565,7 @@ def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = N
             api.call("POST", "/v1/sandboxes", {"name": f"{RUN}-sb{index}", "networks": [network]})
             created.append(f"{RUN}-sb{index}")
         print(f"  {sandboxes} sandboxes made in {time.perf_counter() - made:.1f} s", file=sys.stderr)
+        time.sleep(3)  # at rest: a sandbox's LB lets go of its nft cache after a second without changes
         figures["agent_rss_mb_100sb"] = rss_mb(agent_pid)
         print(f"  agent RSS: {one_sandbox_mb} MB with one sandbox, {figures['agent_rss_mb_100sb']} MB with "
               f"{sandboxes} ({(figures['agent_rss_mb_100sb'] - one_sandbox_mb) / max(1, sandboxes - 1):.2f} MB each); "

@@ -190,7 +190,6 @@ class NftablesBackend:
         if edit.commands:
             try:
                 state.nft.run(edit.text())
-                state.nft.drop_cache()
             except NftError:
                 state.nft.close()
                 raise
@@ -200,6 +199,16 @@ class NftablesBackend:
 
     def next_deadline(self, state) -> float | None:
         return None  # as iptables: removed tasks leave at once
+
+    def release(self, state: NftState) -> None:
+        """Let the sandbox's libnftables context free the ruleset copy its last command
+        fetched (~0.7 MB at 10,000 services; ``Nft.drop_cache``). Called once a sandbox has
+        been quiet for a while, not after every sync: at 100 sandboxes that added 10-15 ms
+        to a change reaching all of them."""
+        try:
+            state.nft.drop_cache()
+        except NftError as exc:
+            log.debug("could not release the nft cache error=%s", exc)
 
     def remove(self, netns: str) -> None:
         """Take svcnet's table out of ``netns`` (a foreign netns we detach from)."""

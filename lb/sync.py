@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "ipvs", "nftables", "iptables")
 TRIM_AFTER = 1000  # rules or elements written by one sync before the C heap's free pages are handed back
+IDLE_AFTER = 1.0  # seconds without a change before a sandbox's backend lets go of its caches
 
 
 def make_backend(choice: str, drain_grace: float):
@@ -77,7 +78,7 @@ def clear_other_backends(active: str, netns: str) -> None:
 
 class _Sandbox:
     __slots__ = ("name", "netns", "attached", "foreign", "tables", "plan", "kernel", "revision", "deadline",
-                 "cleared", "dirty", "task")
+                 "cleared", "dirty", "task", "holds_cache")
 
     def __init__(self, name: str, netns: str, attached: tuple[str, ...], foreign: bool) -> None:
         self.name = name
@@ -92,6 +93,7 @@ class _Sandbox:
         self.cleared = False  # other backends' leftovers removed
         self.dirty = asyncio.Event()
         self.task: asyncio.Task | None = None
+        self.holds_cache = False  # synced since the backend last let go of its caches
 
 
 class LbSync:
@@ -108,6 +110,7 @@ class LbSync:
         self._tables: tuple[View, dict[str, VipTable]] | None = None
         self._workers = asyncio.Semaphore(workers)
         self._cleanups: set[asyncio.Task] = set()
+        self._trim: asyncio.TimerHandle | None = None  # a malloc_trim due after sandboxes went quiet
         self._flow_warned: set[str] = set()
         self._running = False
         self._synced = asyncio.Condition()
@@ -201,6 +204,9 @@ class LbSync:
             await asyncio.Event().wait()
         finally:
             self._running = False
+            if self._trim is not None:
+                self._trim.cancel()
+                self._trim = None
             tasks = [s.task for s in self.sandboxes.values() if s.task is not None] + list(self._cleanups)
             for task in tasks:
                 task.cancel()
@@ -212,10 +218,13 @@ class LbSync:
     async def _serve(self, sandbox: _Sandbox) -> None:
         while True:
             timeout = max(0.0, sandbox.deadline - time.monotonic()) if sandbox.deadline is not None else None
+            idle = sandbox.holds_cache and (timeout is None or timeout > IDLE_AFTER)
             try:
-                await asyncio.wait_for(sandbox.dirty.wait(), timeout)
+                await asyncio.wait_for(sandbox.dirty.wait(), IDLE_AFTER if idle else timeout)
             except TimeoutError:
-                pass
+                if idle:  # quiet for a while: free what only the next change would have replaced
+                    await self._release(sandbox)
+                    continue
             sandbox.dirty.clear()
             async with self._workers:
                 ok = await self.sync_one(sandbox)
@@ -224,6 +233,25 @@ class LbSync:
             if not ok:
                 await asyncio.sleep(0.5)
                 sandbox.dirty.set()
+
+    async def _release(self, sandbox: _Sandbox) -> None:
+        sandbox.holds_cache = False
+        release = getattr(self.backend, "release", None)
+        if release is None or sandbox.kernel is None:
+            return
+        async with self._workers:
+            await asyncio.to_thread(release, sandbox.kernel)
+        if self._trim is None:  # once for all the sandboxes that go quiet together
+            self._trim = asyncio.get_running_loop().call_later(IDLE_AFTER, self._start_trim)
+
+    def _start_trim(self) -> None:
+        async def trim() -> None:
+            try:
+                await asyncio.to_thread(release_free_memory)
+            finally:
+                self._trim = None
+        self._cleanups.add(task := asyncio.create_task(trim()))
+        task.add_done_callback(self._cleanups.discard)
 
     def network_tables(self, view: View) -> dict[str, VipTable]:
         """The View's VIP tables per network, planned once per View for every sandbox."""
@@ -263,6 +291,7 @@ class LbSync:
             return False
         lost = lost_backends(sandbox.plan or {}, desired, changed)
         sandbox.tables, sandbox.plan, sandbox.kernel, sandbox.revision = tables, desired, kernel, view.revision
+        sandbox.holds_cache = True
         sandbox.deadline = self.backend.next_deadline(kernel)
         if lost:  # after the rules, not before the next sandbox: a dump costs ~10 ms in the kernel
             task = asyncio.create_task(self._forget(sandbox, lost))

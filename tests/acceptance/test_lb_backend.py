@@ -27,6 +27,7 @@ from discovery.metrics import Metrics
 from discovery.state.keys import KeyLayout
 from discovery.state.model import Endpoint, FlowTimeout, Network, Service
 from discovery.state.view import Change, View
+from lb import sync as lb_sync
 from lb.ipvs import marks
 from lb.plan import VipPlan
 from lb.sync import LbSync, make_backend
@@ -498,3 +499,24 @@ def test_a_flow_timeout_is_the_conntrack_timeout_of_connections_through_the_vip(
         fresh.connect((str(VIP), PORT))
         fresh.recv(64)
         assert max(_conntrack_timeouts(topology.client, "tcp")) > 400000, "the kernel's 5 days"
+
+
+@pytest.mark.parametrize("start_lb", ["nftables"], indirect=True)
+def test_a_quiet_sandbox_lets_go_of_the_nft_cache_and_the_next_change_still_applies(topology, start_lb,
+                                                                                   monkeypatch):
+    """libnftables keeps the ruleset copy its last command fetched (~0.7 MB per sandbox at
+    10,000 services); a sandbox quiet for IDLE_AFTER lets it go, once, and its context still
+    writes the next change."""
+    monkeypatch.setattr(lb_sync, "IDLE_AFTER", 0.2)
+    lb = start_lb()
+    released = []
+    release = lb.lb.backend.release
+    lb.lb.backend.release = lambda state: (released.append(state), release(state))
+    lb.apply("t1", "t2", "t3")
+    assert _wait(lambda: len(released) == 1, 3), "the quiet sandbox never let go"
+    time.sleep(0.5)
+    assert len(released) == 1, "let go once per quiet spell, not on every tick"
+    lb.apply("t2")
+    assert _wait(lambda: topology.tcp_name() == "t2", 2)
+    assert {topology.tcp_name() for _ in range(30)} == {"t2"}
+    assert _wait(lambda: len(released) == 2, 3), "quiet again after the change: let go again"
