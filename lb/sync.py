@@ -111,6 +111,7 @@ class LbSync:
         self._workers = asyncio.Semaphore(workers)
         self._cleanups: set[asyncio.Task] = set()
         self._trim: asyncio.TimerHandle | None = None  # a malloc_trim due after sandboxes went quiet
+        self._release_caches = getattr(backend, "release", None)  # backends that keep caches per sandbox
         self._flow_warned: set[str] = set()
         self._running = False
         self._synced = asyncio.Condition()
@@ -236,11 +237,10 @@ class LbSync:
 
     async def _release(self, sandbox: _Sandbox) -> None:
         sandbox.holds_cache = False
-        release = getattr(self.backend, "release", None)
-        if release is None or sandbox.kernel is None:
+        if self._release_caches is None or sandbox.kernel is None:
             return
         async with self._workers:
-            await asyncio.to_thread(release, sandbox.kernel)
+            await asyncio.to_thread(self._release_caches, sandbox.kernel)
         if self._trim is None:  # once for all the sandboxes that go quiet together
             self._trim = asyncio.get_running_loop().call_later(IDLE_AFTER, self._start_trim)
 
@@ -291,7 +291,7 @@ class LbSync:
             return False
         lost = lost_backends(sandbox.plan or {}, desired, changed)
         sandbox.tables, sandbox.plan, sandbox.kernel, sandbox.revision = tables, desired, kernel, view.revision
-        sandbox.holds_cache = True
+        sandbox.holds_cache = self._release_caches is not None
         sandbox.deadline = self.backend.next_deadline(kernel)
         if lost:  # after the rules, not before the next sandbox: a dump costs ~10 ms in the kernel
             task = asyncio.create_task(self._forget(sandbox, lost))

@@ -29,6 +29,7 @@ from discovery.state.model import Endpoint, FlowTimeout, Network, Service
 from discovery.state.view import Change, View
 from lb import sync as lb_sync
 from lb.ipvs import marks
+from lb.nftables import NftablesBackend
 from lb.plan import VipPlan
 from lb.sync import LbSync, make_backend
 from tests.helpers import (
@@ -508,10 +509,14 @@ def test_a_quiet_sandbox_lets_go_of_the_nft_cache_and_the_next_change_still_appl
     10,000 services); a sandbox quiet for IDLE_AFTER lets it go, once, and its context still
     writes the next change."""
     monkeypatch.setattr(lb_sync, "IDLE_AFTER", 0.2)
-    lb = start_lb()
     released = []
-    release = lb.lb.backend.release
-    lb.lb.backend.release = lambda state: (released.append(state), release(state))
+    original = NftablesBackend.release
+
+    def release(self, state) -> None:
+        released.append(state)
+        original(self, state)
+    monkeypatch.setattr(NftablesBackend, "release", release)
+    lb = start_lb()
     lb.apply("t1", "t2", "t3")
     assert _wait(lambda: len(released) == 1, 3), "the quiet sandbox never let go"
     time.sleep(0.5)
