@@ -196,6 +196,13 @@ cmd_up() {
         ip -n "$ns" link set lo up
         # a default route, as a real host has (nothing answers at .1: no packet leaves)
         ip -n "$ns" route add default via "$UNDERLAY.1"
+        # a host where nothing asks br_netfilter to show every bridged frame to iptables (a new
+        # netns starts with it on; Docker's bridge driver keeps it on): svcnet's agent turns it
+        # on per bridge where source=keep needs it
+        if [[ $host != client && -e /proc/sys/net/bridge/bridge-nf-call-iptables ]]; then
+            nsenter --net="/run/netns/$ns" sh -c 'for f in iptables ip6tables arptables; do
+                echo 0 >/proc/sys/net/bridge/bridge-nf-call-$f; done'
+        fi
         [[ $host == client ]] || mkdir -p "$DIR/$host/state"
     done
     echo "==> etcd on $(etcd_count) member(s)"

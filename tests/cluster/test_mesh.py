@@ -126,6 +126,22 @@ def test_source_keep_tasks_see_the_client_wherever_the_client_came_in(cluster):
         "without source=keep tasks see h3's own address on the network"
 
 
+def bridge_netfilter(cluster, host: str) -> dict[str, int]:
+    """svcnet's bridges on ``host`` by network, with their br_netfilter switch (nf_call_iptables)."""
+    links = json.loads(cluster.on(host, "ip", "-d", "-j", "link", "show", "type", "bridge"))
+    return {link["ifalias"].rsplit(":", 1)[1]: link["linkinfo"]["info_data"]["nf_call_iptables"]
+            for link in links if link.get("ifalias", "").startswith("svcnet:")}
+
+
+def test_br_netfilter_sees_only_the_bridges_that_carry_kept_flows(cluster):
+    # the hosts' netns-wide switch is off (cluster.sh): what keeps source=keep working on h2 is
+    # its own bridge's switch, which the agent turns on; h3 runs no kept task and keeps it off
+    for host in HOSTS:
+        assert cluster.on(host, "cat", "/proc/sys/net/bridge/bridge-nf-call-iptables").strip() == "0", host
+    assert bridge_netfilter(cluster, "h2") == {"mesh": 1}
+    assert bridge_netfilter(cluster, "h3") == {"mesh": 0}
+
+
 def test_hairpin_from_a_sandbox_and_from_a_host(cluster):
     cluster.svcnet("h1", "run", "-d", "--name", "c1", "--network", "mesh", "--", "sleep", "1000")
     for host in ("h1", "h3"):
