@@ -14,7 +14,10 @@ restart. UDP gets a service of its own so that its destinations can be dropped a
 a task goes (``expire_nodest_conn=1`` moves the flow on its next packet), while a TCP
 destination is first set to weight 0 (no new connections, established ones go on) and only
 deleted after the drain grace. ``conn_reuse_mode=0``, ``expire_nodest_conn=1`` and
-``expire_quiescent_template=1`` are set in each netns (Docker's settings).
+``expire_quiescent_template=1`` are set in each netns (Docker's settings), and IPVS's idle
+timeout for established TCP is raised from its 900 s to conntrack's (5 days by default): an
+idle connection through a VIP is not cut before the kernel would cut it without IPVS
+(moby#37822). IPVS has no per-service timeout, so ``--flow-timeout`` stays refused here.
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ class IpvsBackend:
             try:
                 if current is None:
                     set_sysctls()
+                    set_tcp_timeout(ipvs, conntrack_tcp_timeout())
                     current = _observe(ipvs, mangle)
                 state = current
                 mangle_changed = ensure_jump(mangle, "OUTPUT", MARK_CHAIN)
@@ -250,6 +254,46 @@ def set_dest(ipvs, command: str, mark: int, backend: IPv4Address | str, weight: 
 
 
 _sysctl_warned: set[str] = set()
+
+CONNTRACK_TCP_ESTABLISHED = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established")
+DEFAULT_TCP_TIMEOUT = 432000  # nf_conntrack's default for an established TCP flow: 5 days
+
+
+def conntrack_tcp_timeout() -> int:
+    """Conntrack's idle timeout for established TCP in the current netns, in seconds."""
+    try:
+        return int(CONNTRACK_TCP_ESTABLISHED.read_text())
+    except (OSError, ValueError):  # conntrack not loaded yet: its default
+        return DEFAULT_TCP_TIMEOUT
+
+
+@functools.cache
+def _config_msg_class():
+    from pyroute2.netlink.generic import ipvs as genl
+
+    class config_msg(genl.ipvsmsg):  # pyroute2 maps the timeouts as raw bytes; the kernel reads u32
+        nla_map = (("IPVS_CMD_ATTR_UNSPEC", "none"), ("IPVS_CMD_ATTR_SERVICE", "none"),
+                   ("IPVS_CMD_ATTR_DEST", "none"), ("IPVS_CMD_ATTR_DAEMON", "none"),
+                   ("IPVS_CMD_ATTR_TIMEOUT_TCP", "uint32"), ("IPVS_CMD_ATTR_TIMEOUT_TCP_FIN", "uint32"),
+                   ("IPVS_CMD_ATTR_TIMEOUT_UDP", "uint32"))
+
+    return config_msg
+
+
+def set_tcp_timeout(ipvs, seconds: int) -> None:
+    """IPVS_CMD_SET_CONFIG with the TCP timeout only (the kernel leaves a 0 or absent one as is)."""
+    from pyroute2.netlink.generic import ipvs as genl
+    msg = _config_msg_class()()
+    msg["cmd"] = genl.IPVS_CMD_SET_CONFIG
+    msg["version"] = genl.GENL_VERSION
+    msg["attrs"] = [("IPVS_CMD_ATTR_TIMEOUT_TCP", seconds)]
+    try:
+        ipvs._run_with_cleanup(ipvs.asyncore._do_request, msg)
+    except Exception as exc:  # same cause in every netns: say it once per process
+        level = logging.DEBUG if "tcp_timeout" in _sysctl_warned else logging.WARNING
+        _sysctl_warned.add("tcp_timeout")
+        log.log(level, "cannot set the ipvs tcp timeout seconds=%d error=%s: idle connections through a "
+                "VIP are cut after 900 s", seconds, exc)
 
 
 def set_sysctls(values: dict[str, str] = SYSCTLS) -> None:

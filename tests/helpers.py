@@ -320,6 +320,16 @@ def ipvs_sysctls(netns: str) -> dict[str, str]:
     return dict(zip(names, result.stdout.split(), strict=True))
 
 
+def ipvs_tcp_timeouts(netns: str) -> tuple[int, int]:
+    """IPVS's idle timeout for established TCP (``ipvsadm -L --timeout``) and conntrack's, in ``netns``."""
+    result = subprocess.run(["nsenter", f"--net={netns}", "sh", "-c",
+                             "ipvsadm -L --timeout; cat /proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"cannot read the IPVS timeouts: {result.stderr.strip()}"
+    ipvs_line, conntrack = result.stdout.splitlines()[-2:]  # "Timeout (tcp tcpfin udp): 900 120 300"
+    return int(ipvs_line.split(":")[1].split()[0]), int(conntrack)
+
+
 def expected_lb_backend() -> str:
     """What ``--lb-backend auto`` must pick here: SVCNET_EXPECT_LB_BACKEND if set (the IPVS
     lane sets ipvs, so a silent fallback fails), else ipvs exactly when the kernel has it,

@@ -32,6 +32,7 @@ from tests.helpers import (
     expected_lb_backend,
     ipvs_sysctls,
     ipvs_table,
+    ipvs_tcp_timeouts,
     lb_backends,
     lb_rules,
     metric_value,
@@ -156,6 +157,9 @@ def test_auto_picks_the_kernel_backend_with_its_settings_and_metrics(node):
         for sandbox in (node.client, *node.tasks):
             assert ipvs_sysctls(node.cli.netns(sandbox)) == {
                 "conn_reuse_mode": "0", "expire_nodest_conn": "1", "expire_quiescent_template": "1"}, sandbox
+            ipvs_tcp, conntrack_tcp = ipvs_tcp_timeouts(node.cli.netns(sandbox))
+            # IPVS's own 900 s would cut an idle connection through the VIP (moby#37822)
+            assert ipvs_tcp == conntrack_tcp > 900, (sandbox, ipvs_tcp, conntrack_tcp)
         tcp_mark, udp_mark = marks(IPv4Address(node.vip))
         every_task = dict.fromkeys(node.tasks.values(), 1)
         table = node.ipvs()
@@ -268,6 +272,8 @@ def test_a_published_port_answers_on_this_host_and_follows_its_tasks(node):
     if node.backend == "ipvs":
         tcp = fwmark(MeshPort(18080, "tcp", "pub", "ingress", "nat", (Backend(IPv4Address(gateway), 8080, ""),)))
         assert set(ipvs_table(here).get(tcp, {})) == set(tasks.values()), ipvs_table(here)
+        ipvs_tcp, conntrack_tcp = ipvs_tcp_timeouts(here)
+        assert ipvs_tcp == conntrack_tcp > 900, "idle mesh connections are not cut at IPVS's 900 s"
     elif node.backend == "nftables":  # the port's chain in the mesh table: its tasks as "address . port"
         ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
         assert "table ip svcnet-mesh-" in ruleset and all(f"{a} . 8080" in ruleset for a in tasks.values()), ruleset
