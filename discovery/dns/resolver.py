@@ -260,10 +260,18 @@ class Resolver:
 
     async def _forward_one(self, data: bytes, query: w.Query, scope: Scope, udp: bool,
                            send: Callable[[bytes], None], cache_as: tuple[tuple, str]) -> None:
+        asked_with = self.answers
         try:
             reply = await self.forwarder.forward(data, query.question)
         finally:
             scope.inflight -= 1
+        if self.answers is not asked_with and scope in self.scopes and (
+                self.answers.lookup(scope.attached, query) is not None or not scope.forward):
+            # the name came to exist (or the sandbox lost its way out) while the query was
+            # upstream: the change found nothing to drop, so caching the reply would hide the
+            # name for the upstream's TTL (a negative one: up to its SOA minimum)
+            self.slow_path(data, scope, udp, send)
+            return
         if reply is None:
             reply = error_entry(query, w.SERVFAIL).reply(data[:2])
         elif scope in self.scopes:  # names that do not exist cost nothing the second time either

@@ -170,3 +170,41 @@ def test_forwarded_answers_and_negatives_are_kept_for_their_ttl_counted_down():
         asyncio.run(scenario())
     finally:
         upstream.close()
+
+
+def test_a_name_that_comes_to_exist_while_its_query_is_upstream_is_answered_from_the_registry():
+    """The change lands while the forward is in flight: it finds no reply to drop, and the
+    upstream's reply, cached, would hide the new name for its TTL (the scale bench once
+    waited 60 s, a negative TTL, for a service it had just created)."""
+    upstream = TestUpstream(slow_delay=0.3)  # answers slow.* with 198.51.100.200 after 0.3 s
+    resolver = Resolver(ResolverConfig(upstreams=(Upstream.parse(upstream.address),)), Metrics())
+    view = View().apply([_put(KEYS.network("open"), Network.create("open", "10.2.0.0/24"))], 1, KEYS)
+    resolver.update(view)
+    scope = resolver.scope("client", "/nonexistent", ["open"])
+    resolver.add_scope(scope)
+
+    async def ask(query_id: int) -> DNSRecord:
+        sent: list[bytes] = []
+        resolver.slow_path(_query("slow.open", query_id), scope, True, sent.append)
+        for _ in range(200):
+            if sent:
+                return DNSRecord.parse(sent[0])
+            await asyncio.sleep(0.01)
+        raise AssertionError("no reply")
+
+    async def scenario() -> None:
+        pending = asyncio.ensure_future(ask(1))
+        await asyncio.sleep(0.1)
+        assert upstream.names_seen() == ["slow.open"], "not a local name yet: forwarded"
+        resolver.update(view.apply([_put(KEYS.service("slow"), Service("slow", ("open",),
+                                                                       vips={"open": ip("10.2.0.9")}))], 2, KEYS))
+        first = await pending
+        assert [str(r.rdata) for r in first.rr] == ["10.2.0.9"], "the registry's answer, not the upstream's"
+        again = await ask(2)
+        assert [str(r.rdata) for r in again.rr] == ["10.2.0.9"]
+        assert upstream.names_seen() == ["slow.open"], "nothing asked upstream again"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        upstream.close()
