@@ -40,11 +40,14 @@ import json
 import multiprocessing
 import os
 import secrets
+import shutil
+import signal
 import socket
 import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -449,9 +452,6 @@ def probe_loop(netns: str, name: str) -> None:
 
 
 def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = None) -> dict:
-    import shutil
-    import tempfile
-
     from discovery.node.client import ApiClient
     from discovery.state.etcd import connect
     from discovery.state.etcd_local import EtcdProcess, free_port
@@ -584,8 +584,8 @@ def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = N
             except ProcessLookupError:
                 pass
             time.sleep(1)
-        from discovery.host import firewall
-        firewall.remove(prefix)
+        from discovery.node.agent import remove_host
+        remove_host(prefix)
         upstream.terminate()
         upstream.wait(10)
         member.stop()
@@ -594,15 +594,51 @@ def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = N
 
 
 def sweep() -> None:
-    """Remove what a crashed run left (namespaces and bridges named scb*)."""
+    """Remove what a crashed or killed run left: its agent and etcd (processes whose command
+    line names a ``svcnet-scale-*`` state dir under the temp dir), helper processes of this
+    script, the agent's sandboxes (netns ``svcnet-scb*``), bridges named ``scb*`` or owned by a
+    ``/svcnet-scale-scb*`` prefix, that prefix's host chains, and the state dirs."""
+    temp = Path(tempfile.gettempdir())
+    homes = sorted(temp.glob("svcnet-scale-*"))
+    helpers = ("--upstream-server", "--probe-loop", "--naive-forwarder")
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        line = " ".join(argv)
+        if any(str(home) in line for home in homes) or (
+                any(a.endswith("scale_bench.py") for a in argv) and any(h in argv for h in helpers)):
+            try:
+                os.kill(int(proc.name), 9)
+            except ProcessLookupError:
+                pass
     for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("scb"):
-            subprocess.run(["ip", "netns", "del", line.split()[0]], capture_output=True)
-    for line in subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True,
-                               text=True).stdout.splitlines():
-        name = line.split(": ")[1].split("@")[0]
-        if name.startswith("scb"):
+        name = line.split()[0]
+        if name.startswith(("scb", "svcnet-scb")):
+            for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    prefixes = set()
+    for link in json.loads(subprocess.run(["ip", "-j", "link", "show", "type", "bridge"], capture_output=True,
+                                          text=True).stdout or "[]"):
+        name, alias = link.get("ifname", ""), link.get("ifalias", "")
+        owner = alias.split(":")[1] if alias.startswith("svcnet:") and alias.count(":") >= 2 else ""
+        if name.startswith("scb") or owner.startswith("/svcnet-scale-scb"):
             subprocess.run(["ip", "link", "del", name], capture_output=True)
+            if owner:
+                prefixes.add(owner)
+    from discovery.node.agent import remove_host
+    for prefix in prefixes:
+        remove_host(prefix)
+    for home in homes:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def main() -> None:
@@ -627,6 +663,8 @@ def main() -> None:
     if args.naive_forwarder:
         netns, address, port, names = args.naive_forwarder
         return naive_forwarder(netns, address, int(port), names)
+    # killed (timeout, ^C from another shell): unwind, so every finally removes what it made
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sweep()
     if args.sweep:
         return

@@ -28,8 +28,9 @@ cleanup() {
     sleep 0.5
     [[ -f $SVCNET_STATE_DIR/agent.pid ]] && kill "$(cat "$SVCNET_STATE_DIR/agent.pid")" 2>/dev/null
     sleep 0.5
-    .venv/bin/python -c "from discovery.host import firewall; from lb import mesh_iptables, mesh_keep; firewall.remove('$SVCNET_PREFIX'); mesh_iptables.remove('$SVCNET_PREFIX'); mesh_keep.remove('$SVCNET_PREFIX')" \
-        || echo "demo: could not remove the firewall chains of $SVCNET_PREFIX" >&2
+    # every backend's host rules (the agent picks nftables, iptables or IPVS by the kernel)
+    .venv/bin/python -c "from discovery.node.agent import remove_host; remove_host('$SVCNET_PREFIX')" \
+        || echo "demo: could not remove the host rules of $SVCNET_PREFIX" >&2
     [[ -f $SVCNET_STATE_DIR/etcd/member.json ]] && \
         kill "$(.venv/bin/python -c "import json;print(json.load(open('$SVCNET_STATE_DIR/etcd/member.json'))['pid'])")" 2>/dev/null
     sleep 0.5

@@ -75,6 +75,7 @@ for _ in $(seq 50); do [[ $(veths) == 0 ]] && break; sleep 0.2; done
 check "svcnet veths" 0 "$(veths)"
 check "svcnet chains (legacy)" 0 "$( (iptables-legacy-save; iptables-legacy-save -t nat; iptables-legacy-save -t raw; iptables-legacy-save -t mangle) 2>/dev/null | grep -c "$tag" || true)"
 check "svcnet chains (nft)" 0 "$(iptables-nft-save 2>/dev/null | grep -c "$tag" || true)"
+check "svcnet mesh table (nftables)" 0 "$(nft list tables 2>/dev/null | grep -ci "svcnet-mesh-$tag" || true)"
 containers=$(docker ps -aq --filter label=com.docker.compose.project=svcnet | wc -l) || containers="? (docker ps failed)"
 check "svcnet containers" 0 "$containers"
 trap - EXIT

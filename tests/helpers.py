@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-from discovery.host import firewall
 from discovery.procs import pid_alive
 
 
@@ -227,15 +226,8 @@ def sweep(run_id: str, prefix: str, state_dir: Path | None = None) -> None:
                 except (ProcessLookupError, ValueError):
                     pass
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    from discovery.host import netlink
-    for bridge in netlink.list_bridges(prefix).values():
-        netlink.remove_link(bridge.ifname)
-    firewall.remove(prefix)
-    from lb import mesh_iptables, mesh_ipvs, mesh_keep, mesh_nftables
-    mesh_iptables.remove(prefix)
-    mesh_ipvs.remove(prefix)
-    mesh_keep.remove(prefix)
-    mesh_nftables.remove(prefix)
+    from discovery.node.agent import remove_host
+    remove_host(prefix)
 
 
 def time_scale() -> float:

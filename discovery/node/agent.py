@@ -91,23 +91,7 @@ class HostSync:
                      view.revision, len(view.networks), self.last_duration * 1000)
 
     def remove_all(self) -> None:
-        """Everything this prefix made on the host; one piece that fails (a sync of the
-        stopping agent racing it, say) is logged and does not keep the others."""
-        from discovery.host import firewall, netlink, overlay
-        from lb import mesh_iptables, mesh_ipvs, mesh_keep, mesh_nftables
-
-        def links() -> None:
-            for ifname in overlay.list_vxlans(self.prefix).values():
-                overlay.remove_vxlan(ifname)
-            for bridge in netlink.list_bridges(self.prefix).values():
-                netlink.remove_link(bridge.ifname)
-        for step in (links, lambda: firewall.remove(self.prefix), lambda: mesh_iptables.remove(self.prefix),
-                     lambda: mesh_ipvs.remove(self.prefix), lambda: mesh_nftables.remove(self.prefix),
-                     lambda: mesh_keep.remove(self.prefix)):
-            try:
-                step()
-            except Exception as exc:
-                log.error("host cleanup step failed; the rest goes on prefix=%s error=%r", self.prefix, exc)
+        remove_host(self.prefix)
 
     def desired_peers(self, view: View) -> dict:
         """Overlay network -> (this node's own address on it, the remote endpoints and nodes its
@@ -389,3 +373,25 @@ class AgentSandboxes:
 
 def run_agent(options: NodeOptions) -> int:
     return NodeRuntime(options, AgentSandboxes(options)).run()
+
+
+def remove_host(prefix: str) -> None:
+    """Everything ``prefix`` made in this host's netns: VXLAN ports, bridges, the firewall
+    chains, every mesh backend's rules and source=keep's return paths. One piece that fails
+    (a sync of a stopping agent racing it, say) is logged and does not keep the others. Used
+    by ``--remove-on-exit``, and by the demos, tests and benchmarks to leave nothing behind."""
+    from discovery.host import firewall, netlink, overlay
+    from lb import mesh_iptables, mesh_ipvs, mesh_keep, mesh_nftables
+
+    def links() -> None:
+        for ifname in overlay.list_vxlans(prefix).values():
+            overlay.remove_vxlan(ifname)
+        for bridge in netlink.list_bridges(prefix).values():
+            netlink.remove_link(bridge.ifname)
+    for step in (links, lambda: firewall.remove(prefix), lambda: mesh_iptables.remove(prefix),
+                 lambda: mesh_ipvs.remove(prefix), lambda: mesh_nftables.remove(prefix),
+                 lambda: mesh_keep.remove(prefix)):
+        try:
+            step()
+        except Exception as exc:
+            log.error("host cleanup step failed; the rest goes on prefix=%s error=%r", prefix, exc)

@@ -120,6 +120,8 @@ def test_down_leaves_nothing_of_svcnet(project):
                  ["iptables-nft-save"]):
         rules = subprocess.run(save, capture_output=True, text=True).stdout
         assert forward.split("-")[-1] not in rules, (save, rules)
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    assert f"svcnet-mesh-{forward.split('-')[-1].lower()}" not in tables, tables
     mounts = Path("/proc/self/mounts").read_text()
     assert "svcnet" not in mounts, mounts
     assert docker("ps", "-aq", "--filter", "label=com.docker.compose.project=svcnet").stdout.strip() == ""
