@@ -29,16 +29,19 @@ backend. ``nx_mix_qps_ratio``: dnsperf in a sandbox with 10 % names that do not 
 upstream on loopback answers NXDOMAIN with an SOA), svcnet over a naive forwarder the bench
 provides (Docker is not started here; the reason is printed). iptables is measured at --iptables-services
 (default 2,000: at 10,000 one load takes minutes) and only in one sandbox; the JSON says so.
-Everything it makes is named ``scb*`` and removed, also after a crash (``--sweep``).
+Everything it makes is named after the run (``scb`` and four hex digits) and removed, also after
+a crash (``--sweep``); one run at a time (it holds /run/svcnet-scale-bench.lock).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import multiprocessing
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -593,13 +596,16 @@ def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = N
     return figures
 
 
+LOCK = Path("/run/svcnet-scale-bench.lock")  # one run at a time: the sweep may then take all it finds
+OURS = re.compile(r"^(svcnet-)?scb[0-9a-f]{4}(-|br$|[ct]$)")  # netns and links a run names after RUN
+
+
 def sweep() -> None:
-    """Remove what a crashed or killed run left: its agent and etcd (processes whose command
-    line names a ``svcnet-scale-*`` state dir under the temp dir), helper processes of this
-    script, the agent's sandboxes (netns ``svcnet-scb*``), bridges named ``scb*`` or owned by a
-    ``/svcnet-scale-scb*`` prefix, that prefix's host chains, and the state dirs."""
-    temp = Path(tempfile.gettempdir())
-    homes = sorted(temp.glob("svcnet-scale-*"))
+    """Remove what a crashed or killed run left (call it holding ``LOCK``): its agent and etcd
+    (processes of discovery.cli or etcd whose command line names a ``svcnet-scale-*`` state
+    dir), helper processes of this script, netns and links named after a run, bridges owned
+    by a ``/svcnet-scale-scb*`` prefix with that prefix's host rules, and the state dirs."""
+    homes = [str(home) for home in Path(tempfile.gettempdir()).glob("svcnet-scale-*")]
     helpers = ("--upstream-server", "--probe-loop", "--naive-forwarder")
     me = os.getpid()
     for proc in Path("/proc").iterdir():
@@ -609,16 +615,17 @@ def sweep() -> None:
             argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        line = " ".join(argv)
-        if any(str(home) in line for home in homes) or (
-                any(a.endswith("scale_bench.py") for a in argv) and any(h in argv for h in helpers)):
+        ours = ("discovery.cli" in argv or Path(argv[0]).name == "etcd") and any(
+            home in arg for arg in argv for home in homes)
+        helper = any(a.endswith("scale_bench.py") for a in argv) and any(h in argv for h in helpers)
+        if ours or helper:
             try:
                 os.kill(int(proc.name), 9)
             except ProcessLookupError:
                 pass
     for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines():
         name = line.split()[0]
-        if name.startswith(("scb", "svcnet-scb")):
+        if OURS.match(name):
             for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
                 try:
                     os.kill(int(pid), 9)
@@ -626,13 +633,14 @@ def sweep() -> None:
                     pass
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
     prefixes = set()
-    for link in json.loads(subprocess.run(["ip", "-j", "link", "show", "type", "bridge"], capture_output=True,
+    for link in json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True,
                                           text=True).stdout or "[]"):
         name, alias = link.get("ifname", ""), link.get("ifalias", "")
         owner = alias.split(":")[1] if alias.startswith("svcnet:") and alias.count(":") >= 2 else ""
-        if name.startswith("scb") or owner.startswith("/svcnet-scale-scb"):
+        owned = re.fullmatch(r"/svcnet-scale-scb[0-9a-f]{4}", owner) is not None
+        if OURS.match(name) or owned:
             subprocess.run(["ip", "link", "del", name], capture_output=True)
-            if owner:
+            if owned:
                 prefixes.add(owner)
     from discovery.node.agent import remove_host
     for prefix in prefixes:
@@ -663,6 +671,11 @@ def main() -> None:
     if args.naive_forwarder:
         netns, address, port, names = args.naive_forwarder
         return naive_forwarder(netns, address, int(port), names)
+    lock = LOCK.open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"another scale bench runs (it holds {LOCK}): wait for it to end") from None
     # killed (timeout, ^C from another shell): unwind, so every finally removes what it made
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sweep()

@@ -15,9 +15,11 @@ a task goes (``expire_nodest_conn=1`` moves the flow on its next packet), while 
 destination is first set to weight 0 (no new connections, established ones go on) and only
 deleted after the drain grace. ``conn_reuse_mode=0``, ``expire_nodest_conn=1`` and
 ``expire_quiescent_template=1`` are set in each netns (Docker's settings), and IPVS's idle
-timeout for established TCP is raised from its 900 s to conntrack's (5 days by default): an
-idle connection through a VIP is not cut before the kernel would cut it without IPVS
-(moby#37822). IPVS has no per-service timeout, so ``--flow-timeout`` stays refused here.
+timeout for established TCP is raised from its 900 s to conntrack's (5 days by default) in
+each sandbox: an idle connection through a VIP is not cut before the kernel would cut it
+without IPVS (moby#37822). IPVS has no per-service timeout, so ``--flow-timeout`` stays
+refused here. The mesh's IPVS services live in the host's netns, whose timeout other IPVS
+users (kube-proxy) share: svcnet leaves that one alone.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import functools
 import logging
 import shutil
 import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import iptc
 from iptc import easy
@@ -40,6 +44,9 @@ from discovery.host.xtables import LOCK, delete_rules, drop_chain, ensure_jump, 
 
 from .iptables import REJECT_CHAIN, SyncResult, reject_rules
 from .plan import Plan
+
+if TYPE_CHECKING:
+    from pyroute2 import IPVS
 
 log = logging.getLogger(__name__)
 
@@ -267,33 +274,25 @@ def conntrack_tcp_timeout() -> int:
         return DEFAULT_TCP_TIMEOUT
 
 
-@functools.cache
-def _config_msg_class():
+def set_tcp_timeout(ipvs: IPVS, seconds: int) -> None:
+    """IPVS_CMD_SET_CONFIG with the TCP timeout only (the kernel leaves an absent one as is).
+
+    pyroute2 maps the timeouts as raw bytes: the value goes packed as the kernel's u32."""
+    from pyroute2 import NetlinkError
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
     from pyroute2.netlink.generic import ipvs as genl
 
-    class config_msg(genl.ipvsmsg):  # pyroute2 maps the timeouts as raw bytes; the kernel reads u32
-        nla_map = (("IPVS_CMD_ATTR_UNSPEC", "none"), ("IPVS_CMD_ATTR_SERVICE", "none"),
-                   ("IPVS_CMD_ATTR_DEST", "none"), ("IPVS_CMD_ATTR_DAEMON", "none"),
-                   ("IPVS_CMD_ATTR_TIMEOUT_TCP", "uint32"), ("IPVS_CMD_ATTR_TIMEOUT_TCP_FIN", "uint32"),
-                   ("IPVS_CMD_ATTR_TIMEOUT_UDP", "uint32"))
-
-    return config_msg
-
-
-def set_tcp_timeout(ipvs, seconds: int) -> None:
-    """IPVS_CMD_SET_CONFIG with the TCP timeout only (the kernel leaves a 0 or absent one as is)."""
-    from pyroute2.netlink.generic import ipvs as genl
-    msg = _config_msg_class()()
+    msg = genl.ipvsmsg()
     msg["cmd"] = genl.IPVS_CMD_SET_CONFIG
     msg["version"] = genl.GENL_VERSION
-    msg["attrs"] = [("IPVS_CMD_ATTR_TIMEOUT_TCP", seconds)]
+    msg["attrs"] = [("IPVS_CMD_ATTR_TIMEOUT_TCP", struct.pack("=I", seconds))]
     try:
-        ipvs._run_with_cleanup(ipvs.asyncore._do_request, msg)
-    except Exception as exc:  # same cause in every netns: say it once per process
+        ipvs.nlm_request(msg, msg_type=ipvs.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
+    except (NetlinkError, OSError) as exc:  # same cause in every netns: say it once per process
         level = logging.DEBUG if "tcp_timeout" in _sysctl_warned else logging.WARNING
         _sysctl_warned.add("tcp_timeout")
-        log.log(level, "cannot set the ipvs tcp timeout seconds=%d error=%s: idle connections through a "
-                "VIP are cut after 900 s", seconds, exc)
+        log.log(level, "cannot set the ipvs tcp timeout seconds=%d error=%s: idle connections through "
+                "IPVS are cut after 900 s", seconds, exc)
 
 
 def set_sysctls(values: dict[str, str] = SYSCTLS) -> None:

@@ -96,8 +96,6 @@ def sync(prefix: str, plan: MeshPlan) -> int:
                 ipvs_backend.set_sysctls(SYSCTLS)  # the VIPs' helper, with the mesh's settings
             ipvs = IPVS()
             try:
-                if plan.ports:  # idle mesh connections live as long as conntrack keeps them, not 900 s
-                    ipvs_backend.set_tcp_timeout(ipvs, ipvs_backend.conntrack_tcp_timeout())
                 present = _services(ipvs, owned | set(wanted))
                 for mark in sorted(set(present) - set(wanted)):
                     _service(ipvs, "del", mark)

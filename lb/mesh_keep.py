@@ -160,7 +160,9 @@ _br_netfilter_checked = False
 
 
 def _ensure_br_netfilter() -> None:
-    """Without the br_netfilter module the per-bridge switch does nothing: load it, or say so."""
+    """Without the br_netfilter module the per-bridge switch does nothing: load it, or say so.
+    Loading it turns ``bridge-nf-call-iptables`` on in every netns (the kernel's default):
+    a host that wants it off loads the module at boot and sets the sysctl there."""
     global _br_netfilter_checked
     if _br_netfilter_checked or Path("/proc/sys/net/bridge").exists():
         return
@@ -168,11 +170,15 @@ def _ensure_br_netfilter() -> None:
     modprobe = shutil.which("modprobe") or "/sbin/modprobe"
     try:
         loaded = subprocess.run([modprobe, "br_netfilter"], capture_output=True, timeout=10).returncode == 0
-    except OSError:
+    except (OSError, subprocess.SubprocessError):
         loaded = False
     if not loaded or not Path("/proc/sys/net/bridge").exists():
         log.error("source=keep needs the br_netfilter kernel module (replies of kept-source flows cannot be "
                   "routed back without it): run 'modprobe br_netfilter', or publish without source=keep")
+    else:
+        log.warning("loaded br_netfilter for source=keep; the kernel turns net.bridge.bridge-nf-call-iptables "
+                    "on in every netns with it (set it to 0 where bridged frames should skip iptables: svcnet "
+                    "turns it on per bridge where it needs it)")
 
 
 def remove(prefix: str) -> None:

@@ -198,8 +198,11 @@ cmd_up() {
         ip -n "$ns" route add default via "$UNDERLAY.1"
         # a host where nothing asks br_netfilter to show every bridged frame to iptables (a new
         # netns starts with it on; Docker's bridge driver keeps it on): svcnet's agent turns it
-        # on per bridge where source=keep needs it
-        if [[ $host != client && -e /proc/sys/net/bridge/bridge-nf-call-iptables ]]; then
+        # on per bridge where source=keep needs it. The module is loaded first: loading it
+        # later (the agent does, for source=keep) would turn the switch on in every netns.
+        if [[ $host != client ]]; then
+            [[ -e /proc/sys/net/bridge/bridge-nf-call-iptables ]] || modprobe br_netfilter \
+                || die "cannot load br_netfilter (source=keep needs it): modprobe br_netfilter"
             nsenter --net="/run/netns/$ns" sh -c 'for f in iptables ip6tables arptables; do
                 echo 0 >/proc/sys/net/bridge/bridge-nf-call-$f; done'
         fi

@@ -66,7 +66,8 @@ class ResolverConfig:
 class Scope:
     """One sandbox's view of DNS."""
 
-    __slots__ = ("name", "netns", "attached", "forward", "inflight", "tcp_clients", "udp_cache", "tcp_cache")
+    __slots__ = ("name", "netns", "attached", "forward", "inflight", "tcp_clients", "udp_cache", "tcp_cache",
+                 "generation")
 
     def __init__(self, name: str, netns: str, attached: Iterable[str], budget: Budget | None = None) -> None:
         self.name = name
@@ -78,6 +79,7 @@ class Scope:
         budget = budget if budget is not None else Budget(defaults.DNS_CACHE_BYTES)
         self.udp_cache = ReplyCache(budget)
         self.tcp_cache = ReplyCache(budget)
+        self.generation = 0  # bumped whenever its answers or attachments may have changed
 
 
 class Resolver:
@@ -158,6 +160,7 @@ class Resolver:
     def _refresh(self, scope: Scope, changes: Mapping[str, frozenset[str] | None] | None = None) -> None:
         """``changes``: per network, the names and pointers that changed (None: all of them);
         without it, every reply of the scope goes."""
+        scope.generation += 1
         networks = self.view.networks
         known = [networks[n] for n in scope.attached if n in networks]
         # a sandbox only on --internal networks never reaches outside, not even by DNS
@@ -239,7 +242,7 @@ class Resolver:
         elif local is not None:
             local_entry = pack(query, local, limit)
         else:
-            self._forward(data, query, scope, udp, send, (normal, tag))
+            self._forward(data, query, scope, udp, send, (normal, tag, scope.generation))
             return
         local_entry.hits = 1
         cache.put(normal, local_entry, tag)
@@ -247,7 +250,9 @@ class Resolver:
         send(local_entry.reply(data[:2]))
 
     def _forward(self, data: bytes, query: w.Query, scope: Scope, udp: bool, send: Callable[[bytes], None],
-                 cache_as: tuple[tuple, str]) -> None:
+                 cache_as: tuple[tuple, str, int]) -> None:
+        """``cache_as``: the normalized question, its tag, and the scope's generation when the
+        registry had no answer."""
         if scope.inflight >= self.config.max_inflight:
             self.refused_inflight.inc()
             self.queries.inc(w.type_name(query.qtype), "REFUSED", "forwarded")
@@ -259,13 +264,12 @@ class Resolver:
         task.add_done_callback(self._tasks.discard)
 
     async def _forward_one(self, data: bytes, query: w.Query, scope: Scope, udp: bool,
-                           send: Callable[[bytes], None], cache_as: tuple[tuple, str]) -> None:
-        asked_with = self.answers
+                           send: Callable[[bytes], None], cache_as: tuple[tuple, str, int]) -> None:
         try:
             reply = await self.forwarder.forward(data, query.question)
         finally:
             scope.inflight -= 1
-        if self.answers is not asked_with and scope in self.scopes and (
+        if scope.generation != cache_as[2] and scope in self.scopes and (
                 self.answers.lookup(scope.attached, query) is not None or not scope.forward):
             # the name came to exist (or the sandbox lost its way out) while the query was
             # upstream: the change found nothing to drop, so caching the reply would hide the

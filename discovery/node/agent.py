@@ -119,13 +119,17 @@ class HostSync:
     def _apply(self, networks: dict, peers: dict, mesh: MeshPlan) -> None:
         if self.closed:
             return
-        if networks != self._applied:
+        bridges_changed = networks != self._applied
+        if bridges_changed:
             self._apply_networks(networks)
         if peers != self._peers_applied or networks != self._applied:
             self._apply_overlay(networks, peers)
         self._applied = networks
         if mesh != self._mesh_applied:
             self._apply_mesh(mesh)
+        elif bridges_changed and mesh.returns:
+            from lb import mesh_keep  # a bridge made again starts with br_netfilter off, and no routes
+            mesh_keep.sync(self.prefix, mesh.returns)
 
     def _apply_mesh(self, mesh: MeshPlan) -> None:
         from lb import mesh_iptables, mesh_ipvs, mesh_keep, mesh_nftables

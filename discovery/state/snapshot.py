@@ -111,8 +111,8 @@ def load(keys: KeyLayout, path: Path) -> View | None:
         log.warning("ignoring malformed view snapshot path=%s error='no list of objects'", path)
         return None
     try:
-        # the digest covers the objects as save() writes them: an edit that keeps the JSON
-        # valid (and any change of spacing or order) still has to match it
+        # the digest covers the objects as save() writes them, re-encoded from what was
+        # parsed: an edited value, a lost or added object, or another order fails it
         if document.get("digest") != _digest(",".join(_line(key, value) for key, value in objects)):
             log.warning("ignoring view snapshot whose digest does not match path=%s", path)
             return None

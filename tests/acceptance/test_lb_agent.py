@@ -272,8 +272,6 @@ def test_a_published_port_answers_on_this_host_and_follows_its_tasks(node):
     if node.backend == "ipvs":
         tcp = fwmark(MeshPort(18080, "tcp", "pub", "ingress", "nat", (Backend(IPv4Address(gateway), 8080, ""),)))
         assert set(ipvs_table(here).get(tcp, {})) == set(tasks.values()), ipvs_table(here)
-        ipvs_tcp, conntrack_tcp = ipvs_tcp_timeouts(here)
-        assert ipvs_tcp == conntrack_tcp > 900, "idle mesh connections are not cut at IPVS's 900 s"
     elif node.backend == "nftables":  # the port's chain in the mesh table: its tasks as "address . port"
         ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
         assert "table ip svcnet-mesh-" in ruleset and all(f"{a} . 8080" in ruleset for a in tasks.values()), ruleset

@@ -10,6 +10,7 @@ import json
 
 from dnslib import EDNS0, DNSRecord, EDNSOption
 
+from discovery.dns.cache import ForwardedEntry
 from discovery.dns.forward import Upstream
 from discovery.dns.resolver import Resolver, ResolverConfig
 from discovery.metrics import Metrics
@@ -208,3 +209,33 @@ def test_a_name_that_comes_to_exist_while_its_query_is_upstream_is_answered_from
         asyncio.run(scenario())
     finally:
         upstream.close()
+
+
+def test_a_sandbox_sealed_while_its_query_is_upstream_gets_refused_and_caches_nothing():
+    """Attached to --internal networks only while the forward is in flight: no registry
+    change happened, only the sandbox's attachments did."""
+    upstream = TestUpstream(slow_delay=0.3)
+    resolver = Resolver(ResolverConfig(upstreams=(Upstream.parse(upstream.address),)), Metrics())
+    resolver.update(View().apply([_put(KEYS.network("open"), Network.create("open", "10.2.0.0/24")),
+                                  _put(KEYS.network("front"), FRONT)], 1, KEYS))
+    scope = resolver.scope("client", "/nonexistent", ["open"])
+    resolver.add_scope(scope)
+
+    async def scenario() -> DNSRecord:
+        sent: list[bytes] = []
+        resolver.slow_path(_query("slow.example", 1), scope, True, sent.append)
+        await asyncio.sleep(0.1)
+        resolver.set_attached(scope, ["front"])  # internal: never forwards
+        for _ in range(100):
+            if sent:
+                return DNSRecord.parse(sent[0])
+            await asyncio.sleep(0.01)
+        raise AssertionError("no reply")
+
+    try:
+        reply = asyncio.run(scenario())
+    finally:
+        upstream.close()
+    assert reply.header.rcode == 5 and not reply.rr, "REFUSED: the sandbox has no way out any more"
+    kept = list(scope.udp_cache.normal.values())
+    assert kept and not any(isinstance(entry, ForwardedEntry) for entry in kept), "the upstream's reply was not kept"
