@@ -600,6 +600,13 @@ LOCK = Path("/run/svcnet-scale-bench.lock")  # one run at a time: the sweep may 
 OURS = re.compile(r"^(svcnet-)?scb[0-9a-f]{4}(-|br$|[ct]$)")  # netns and links a run names after RUN
 
 
+def _kill(pid: str) -> None:
+    try:
+        os.kill(int(pid), 9)
+    except (ProcessLookupError, ValueError):
+        pass
+
+
 def sweep() -> None:
     """Remove what a crashed or killed run left (call it holding ``LOCK``): its agent and etcd
     (processes of discovery.cli or etcd whose command line names a ``svcnet-scale-*`` state
@@ -619,18 +626,12 @@ def sweep() -> None:
             home in arg for arg in argv for home in homes)
         helper = any(a.endswith("scale_bench.py") for a in argv) and any(h in argv for h in helpers)
         if ours or helper:
-            try:
-                os.kill(int(proc.name), 9)
-            except ProcessLookupError:
-                pass
+            _kill(proc.name)
     for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines():
         name = line.split()[0]
         if OURS.match(name):
             for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
-                try:
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
+                _kill(pid)
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
     prefixes = set()
     for link in json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True,

@@ -65,8 +65,7 @@ def ipvs_available() -> bool:
     """
     if Path("/proc/net/ip_vs").exists():
         return True
-    modprobe = shutil.which("modprobe") or next((p for p in ("/sbin/modprobe", "/usr/sbin/modprobe")
-                                                 if Path(p).exists()), None)
+    modprobe = modprobe_path()
     if modprobe is None:
         log.warning("ipvs unavailable: modprobe not found and ip_vs is not loaded; "
                     "install=kmod (apt-get install kmod) fallback=nftables_or_iptables")
@@ -83,6 +82,12 @@ def ipvs_available() -> bool:
                     "to get IPVS; nftables or iptables balances the same VIPs meanwhile")
         return False
     return True
+
+
+def modprobe_path() -> str | None:
+    """kmod's modprobe: on PATH, or where Debian puts it (root's PATH may lack /sbin)."""
+    return shutil.which("modprobe") or next((p for p in ("/sbin/modprobe", "/usr/sbin/modprobe")
+                                             if Path(p).exists()), None)
 
 
 def marks(vip: IPv4Address) -> tuple[int, int]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from discovery.host.netlink import bridge_name, ignore_missing
 from discovery.host.overlay import mac_for
 from discovery.host.xtables import LOCK, converge_jumped, drop_chain, fresh_table, release, table_in_use
 
+from .ipvs import modprobe_path
 from .mesh import SLOT_SHIFT, ReturnPath
 
 log = logging.getLogger(__name__)
@@ -167,9 +167,10 @@ def _ensure_br_netfilter() -> None:
     if _br_netfilter_checked or Path("/proc/sys/net/bridge").exists():
         return
     _br_netfilter_checked = True
-    modprobe = shutil.which("modprobe") or "/sbin/modprobe"
+    modprobe = modprobe_path()
     try:
-        loaded = subprocess.run([modprobe, "br_netfilter"], capture_output=True, timeout=10).returncode == 0
+        loaded = modprobe is not None and subprocess.run([modprobe, "br_netfilter"], capture_output=True,
+                                                         timeout=10).returncode == 0
     except (OSError, subprocess.SubprocessError):
         loaded = False
     if not loaded or not Path("/proc/sys/net/bridge").exists():
