@@ -340,7 +340,8 @@ def lb_backends() -> list[str]:
 def lb_state(netns: str) -> tuple[set[str], set[str]]:
     """(VIPs, DNAT targets) of svcnet's VIP rules in ``netns``, whichever backend wrote them:
     iptables' ``-d VIP/32 -j SVCNET-S-*`` and ``--to-destination`` rules, and the keys of
-    nftables' ``services`` map (and ``empty`` set) and values of its ``backends`` map."""
+    nftables' ``services`` map (a VIP without tasks goes to ``refuse`` there) and values of its
+    ``backends`` map."""
     import re
     nat = nat_rules(netns)
     vips = set(re.findall(r"-A SVCNET-VIPS -d ([\d.]+)/32", nat))
@@ -353,8 +354,6 @@ def lb_state(netns: str) -> tuple[set[str], set[str]]:
             for element in found.get("elem", []):
                 if found["name"] == "services":
                     vips.add(element[0])
-                elif found["name"] == "empty":
-                    vips.add(element)
                 elif found["name"] == "backends":
                     targets.add(element[1])
     return vips, targets
