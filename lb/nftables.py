@@ -5,12 +5,12 @@ One table per sandbox netns, ``ip svcnet``:
     map services  { ipv4_addr : verdict }      VIP -> goto pick-N   (N = its task count)
                                                VIP -> goto refuse   (no task)
     map backends  { ipv4_addr . integer : ipv4_addr }   VIP . slot -> task, slots 0..N-1
-    chain vips    nat output:    ip daddr vmap @services
+    chain vips    nat output:    [ip daddr @ft-tcp-S meta l4proto tcp ct timeout set "ft-tcp-S"]
+                                 (only with --flow-timeout: one rule per S in use, per protocol)
+                                 ip daddr vmap @services
     chain pick-N:                dnat to ip daddr . numgen random mod N map @backends
     chain refuse:                TCP, UDP: dnat to 127.0.0.1:0 (refused: no socket has port 0);
                                  anything else: drop
-    chain flows   filter output at mangle, only with --flow-timeout:
-                  ip daddr @ft-tcp-S meta l4proto tcp ct timeout set "ft-tcp-S"  (one per S in use)
 
 A packet to a VIP costs one verdict-map lookup and one map lookup whatever the number of
 services (kube-proxy's nftables mode keeps a chain per service and per endpoint: measured
@@ -63,8 +63,9 @@ add map {TABLE} backends {{ typeof ip daddr . numgen random mod 1 : ip daddr; }}
 add chain {TABLE} vips {{ type nat hook output priority -100; policy accept; }}
 add chain {TABLE} {REFUSE}
 """
+DISPATCH = "ip daddr vmap @services"  # the vips chain's last rule, after any flow timeout rules
 CHAIN_RULES = {
-    "vips": ["ip daddr vmap @services"],
+    "vips": [DISPATCH],
     REFUSE: ["meta l4proto { tcp, udp } dnat to 127.0.0.1:0", "drop"],
 }
 
@@ -161,7 +162,7 @@ class NftState:
     observed: Observed | None = None
     picks: Counter[int] = field(default_factory=Counter)  # pick-N chains present -> VIPs using them
     timeouts: Counter[tuple[str, int]] = field(default_factory=Counter)  # (proto, seconds) present -> VIPs
-    flow_rules: list[str] | None = None  # the flows chain's rules as held (None: no chain)
+    flow_rules: list[str] = field(default_factory=list)  # the vips chain's timeout rules as held
 
     def held(self, vip: IPv4Address) -> Held:
         if self.observed is not None:
@@ -243,8 +244,7 @@ class _Edit:
         self.deletes: dict[str, list[str]] = {"services": [], "backends": []}
         self.adds: dict[str, list[str]] = {"backends": [], "services": []}
         self.unused: set[int] = set()  # pick-N chains no VIP goes to any more: deleted last
-        self.flow_rules: list[str] | None = None  # the flows chain rewritten (when its timeouts change)
-        self.create_flows = False
+        self.flow_rules: list[str] | None = None  # the vips chain rewritten with these (timeouts changed)
         self.unused_timeouts: set[tuple[str, int]] = set()  # deleted after the rules that use them
         self.elements = 0
 
@@ -260,10 +260,8 @@ class _Edit:
                 if elements:
                     lines.append(f"{verb} element {TABLE} {name} {{ {', '.join(elements)} }}")
         if self.flow_rules is not None:
-            if self.create_flows:
-                lines.append(f"add chain {TABLE} flows {{ type filter hook output priority mangle; policy accept; }}")
-            lines.append(f"flush chain {TABLE} flows")
-            lines += [f"add rule {TABLE} flows {rule}" for rule in self.flow_rules]
+            lines.append(f"flush chain {TABLE} vips")
+            lines += [f"add rule {TABLE} vips {rule}" for rule in (*self.flow_rules, DISPATCH)]
         for protocol, seconds in sorted(self.unused_timeouts):
             name = timeout_name(protocol, seconds)
             lines += [f"delete set {TABLE} {name}", f"delete ct timeout {TABLE} {name}"]
@@ -319,16 +317,16 @@ def _converge_vip(state: NftState, edit: _Edit, vip: IPv4Address, held: Held, wa
 
 def _converge_flow_rules(state: NftState, edit: _Edit) -> None:
     """One rule per timeout in use (not per service: the first packet's cost grows with the
-    number of distinct timeouts); the chain is made when a first service asks for one. It
-    hooks output at mangle (-150): after conntrack (-200) made the entry, which the kernel
-    only lets a policy attach to before it is confirmed (at raw, -300, there is none yet:
-    measured, the policy was ignored), and before DNAT (-100) turns the VIP into a task."""
+    number of distinct timeouts), at the head of the vips chain, before its dispatch turns the
+    VIP into a task. That chain hooks nat, so only a connection's first packet pays for them;
+    conntrack has made the entry by then and not yet confirmed it, which is when the kernel
+    lets a policy attach (at raw, -300, there is none yet: measured, the policy was ignored)."""
     unused = {key for key, users in state.timeouts.items() if users <= 0}
     for key in unused:
         del state.timeouts[key]
     wanted = [flow_rule(protocol, seconds) for protocol, seconds in sorted(state.timeouts)]
-    if wanted != (state.flow_rules or []) or (unused and state.flow_rules is not None):
-        edit.flow_rules, edit.create_flows = wanted, state.flow_rules is None
+    if wanted != state.flow_rules or unused:
+        edit.flow_rules = wanted
         state.flow_rules = wanted
     edit.unused_timeouts = unused
 
@@ -357,7 +355,7 @@ def _observe(netns: str, netns_id: tuple[int, int]) -> NftState:
             log.warning("rebuilding an nftables table that is not as svcnet wrote it table=%r", TABLE)
             lister.run(f"delete table {TABLE}")
             state.picks.clear()
-            state.flow_rules = None
+            state.flow_rules = []
         if not _has_table(lister):
             lister.run(SKELETON + "".join(f"add rule {TABLE} {chain} {rule}\n"
                                           for chain, rules in CHAIN_RULES.items() for rule in rules))
@@ -418,11 +416,13 @@ def _shape_is_ours(nft: Nft, state: NftState) -> bool:
     """Sets, maps and chains exactly as svcnet declares them; records the pick chains found."""
     listing = nft.run_terse(f"list table {TABLE}")
     chains = chain_rules(listing)
+    vips = chains.pop("vips", [])
+    if not vips or vips[-1] != DISPATCH or any(not rule.startswith("ip daddr @ft-") for rule in vips[:-1]):
+        return False
+    state.flow_rules = vips[:-1]
     for chain, rules in CHAIN_RULES.items():
-        if chains.pop(chain, None) != rules:
+        if chain != "vips" and chains.pop(chain, None) != rules:
             return False
-    if "flows" in chains:
-        state.flow_rules = chains.pop("flows")
     for chain in chains:
         if not chain.startswith("pick-") or not chain[5:].isdigit():
             return False
