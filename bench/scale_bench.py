@@ -22,6 +22,9 @@ loaded into etcd in bulk (the registry's own layout), then
                        a UDP socket in the sandbox asks every millisecond)
   dns_stall_max_ms     the longest wait for an answer in a 1 ms query loop while 100
                        services are created
+  dns_stall_control_ms the same loop at the same time against the bench's own upstream, a
+                       trivial asyncio UDP server in a process of its own: what the machine
+                       alone makes a Python resolver wait (the floor under the figure above)
   agent_rss_mb_100sb   the agent's resident memory with 100 sandboxes among 10,000 services
 
 The last line is one JSON object: ``backend`` (what auto chose) and the figures per
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
 import json
 import multiprocessing
@@ -278,13 +282,13 @@ def _answered(reply: bytes) -> bool:
 
 
 class Prober:
-    """A UDP socket inside a sandbox asking 127.0.0.11."""
+    """A UDP socket inside a sandbox asking 127.0.0.11 (or ``target``; netns None: this one)."""
 
-    def __init__(self, netns: str) -> None:
-        with netlink.entered_netns(netns):
+    def __init__(self, netns: str | None, target: tuple[str, int] = ("127.0.0.11", 53)) -> None:
+        with netlink.entered_netns(netns) if netns else contextlib.nullcontext():
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.settimeout(1.0)
-        self.sock.connect(("127.0.0.11", 53))
+        self.sock.connect(target)
         self.next_id = 1
 
     def ask(self, name: str) -> bool:
@@ -422,9 +426,9 @@ def agent_metrics(socket_path: Path) -> str:
     return b"".join(chunks).partition(b"\r\n\r\n")[2].decode()
 
 
-def probe_loop(netns: str, name: str) -> None:
-    """Ask ``name`` in ``netns`` every millisecond until SIGTERM; print the gaps (ms) between
-    answers as JSON: the longest is how long the resolver stalled."""
+def probe_loop(netns: str, name: str, target: str = "127.0.0.11:53") -> None:
+    """Ask ``name`` of ``target`` in ``netns`` ("-": this one) every millisecond until SIGTERM;
+    print the gaps (ms) between answers as JSON: the longest is how long the resolver stalled."""
     import signal
     # The prober is the instrument, not the subject: at normal priority on two cores it
     # was itself kept off the CPU for 20-30 ms now and then (etcd, this bench's client and
@@ -437,7 +441,8 @@ def probe_loop(netns: str, name: str) -> None:
     except (AttributeError, PermissionError, OSError) as exc:
         print(f"  the DNS prober runs at normal priority ({exc}): its own scheduling adds to the gaps",
               file=sys.stderr)
-    prober = Prober(netns)
+    host, port = target.rsplit(":", 1)
+    prober = Prober(None if netns == "-" else netns, (host, int(port)))
     gaps: list[float] = []
     stopped = []
     signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
@@ -474,6 +479,7 @@ def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = N
     subnet = IPv4Network("10.64.0.0/16")
     agent_pid = None
     created: list[str] = []
+    probes: list[subprocess.Popen] = []  # the 1 ms loops: stopped by the finally below if the run fails
 
     def svcnet(*argv: str) -> None:
         subprocess.run([sys.executable, "-m", "discovery.cli", *argv], env=env, check=True, capture_output=True)
@@ -535,6 +541,12 @@ def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = N
         # the loop runs in a process of its own: in this one it would wait on our own GIL
         loop = subprocess.Popen([sys.executable, __file__, "--probe-loop", first["netns"], "s1"],
                                 stdout=subprocess.PIPE, text=True)
+        # the control: the same loop, at the same time, against the bench's own upstream (a
+        # trivial asyncio UDP server in a process of its own, no registry, no GIL shared with
+        # anything): its longest wait is what this machine alone costs a Python resolver
+        control = subprocess.Popen([sys.executable, __file__, "--probe-loop", "-", "control", "--probe-target",
+                                    f"127.0.0.1:{upstream_port}"], stdout=subprocess.PIPE, text=True)
+        probes += [loop, control]
         spy = None
         if profile is not None:  # where the agent spends the changes (py-spy, pip install py-spy)
             tool = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -550,13 +562,18 @@ def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = N
             spy.wait(timeout=30)
         time.sleep(0.5)
         loop.terminate()
+        control.terminate()
         timed_gaps = json.loads(loop.communicate(timeout=10)[0])
+        control_gaps = [gap for gap, _ in json.loads(control.communicate(timeout=10)[0])]
         gaps = [gap for gap, _ in timed_gaps]
         worst = sorted(timed_gaps, reverse=True)[:3]
         print("  longest waits (ms, seconds after the first of 100 creates, which took "
               f"{creates_took:.2f} s): " + ", ".join(f"{gap:.1f} at {at - creates_at:+.2f}" for gap, at in worst),
               file=sys.stderr)
         figures["dns_stall_max_ms"] = round(max(gaps), 2)
+        figures["dns_stall_control_ms"] = round(max(control_gaps), 2)
+        print(f"  the control (the same loop against a trivial asyncio server, at the same time): longest wait "
+              f"{max(control_gaps):.1f} ms, median {statistics.median(control_gaps):.2f}", file=sys.stderr)
         pauses = [line for line in agent_metrics(home / "state" / "agent.sock").splitlines()
                   if line.startswith("svcnet_gc_pause_seconds_") and ("_sum" in line or "_count" in line)]
         print("  agent GC pauses: " + "; ".join(pauses), file=sys.stderr)
@@ -589,6 +606,10 @@ def measure_registry_dns(services: int, sandboxes: int, profile: Path | None = N
             time.sleep(1)
         from discovery.node.agent import remove_host
         remove_host(prefix)
+        for probe in probes:
+            if probe.poll() is None:
+                probe.kill()
+                probe.wait()
         upstream.terminate()
         upstream.wait(10)
         member.stop()
@@ -660,13 +681,14 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="record the agent with py-spy (raw, collapsed stacks) while the 100 services are created")
     parser.add_argument("--probe-loop", nargs=2, metavar=("NETNS", "NAME"), help=argparse.SUPPRESS)
+    parser.add_argument("--probe-target", default="127.0.0.11:53", help=argparse.SUPPRESS)
     parser.add_argument("--upstream-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--naive-forwarder", nargs=4, metavar=("NETNS", "ADDRESS", "PORT", "NAMES"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--sweep", action="store_true", help="only remove what a crashed run left")
     args = parser.parse_args()
     if args.probe_loop:
-        return probe_loop(*args.probe_loop)
+        return probe_loop(*args.probe_loop, args.probe_target)
     if args.upstream_server:
         return upstream_server(args.upstream_server)
     if args.naive_forwarder:
