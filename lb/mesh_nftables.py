@@ -7,13 +7,23 @@ One table per registry prefix, ``ip svcnet-mesh-<t>`` (``<t>``: the prefix's tag
         ip daddr 127.0.0.0/8 return
         fib daddr type local meta l4proto . th dport vmap @ports      one lookup, whatever the ports
     chain port-<P><T|U>:
+        [ip saddr <peers> ip dscp cs1 ip dscp set cs0 ... dnat to <local tasks>]   a hop from a peer node:
+                                                                      to our own tasks only (none: accept,
+                                                                      our own port refuses it)
         meta mark set meta mark | MESH_MARK                           to masquerade: every connection, or
                                                                       with mode=host / source=keep only those
                                                                       from a sandbox (iifname "svbr*") or
                                                                       this host (fib saddr type local)
         meta l4proto tcp dnat ip to numgen random mod N map { 0 : task0 . TARGET, ... }   N = its tasks
+                                                                      (a remote task: its node's VTEP . P)
     chain mesh-post  nat postrouting (srcnat):
         oifname <bridge> meta mark & MESH_MARK == MESH_MARK snat to <this node's address> | masquerade
+        [meta mark & MESH_MARK == MESH_MARK ip daddr <peers> ip dscp set cs1 snat to <our VTEP>]
+
+Node hops (``lb/mesh.py``) carry DSCP CS1 on their first packet, set here where the hop
+leaves and cleared where it lands: that, not the source address alone, tells a hop from a
+client that runs on a peer node (which the peer's own port serves like any client). The
+nat chains only see a connection's first packet, so nothing else is marked or rewritten.
 
 The same plan (``lb/mesh.py``) and the same marks as the iptables mesh, so the host firewall,
 ``mesh_keep`` (source=keep) and the conntrack cleanup work unchanged. A port whose tasks are
@@ -55,16 +65,29 @@ def port_chain(port: MeshPort) -> str:
     return f"port-{port.published}{port.protocol[0].upper()}"
 
 
-def port_rules(port: MeshPort) -> list[str]:
+def addresses(found) -> str:
+    """An address match as nft prints it back: one address bare, several as a sorted set."""
+    found = sorted(found)
+    return str(found[0]) if len(found) == 1 else f"{{ {', '.join(str(a) for a in found)} }}"
+
+
+def dnat_rule(protocol: str, backends) -> str:
+    targets = ", ".join(f"{slot} : {b.address} . {b.port}" for slot, b in enumerate(backends))
+    return f"meta l4proto {protocol} dnat ip to numgen random mod {len(backends)} map {{ {targets} }}"
+
+
+def port_rules(port: MeshPort, peers=()) -> list[str]:
     mark = f"meta mark set meta mark | {MARK}"
+    rules = []
+    if port.hops and peers:
+        hop = f"ip saddr {addresses(peers)} ip dscp cs1 ip dscp set cs0"
+        rules.append(f"{hop} {dnat_rule(port.protocol, port.local)}" if port.local else f"{hop} accept")
     if port.mode == "ingress" and port.source == "nat":
-        rules = [mark]
+        rules.append(mark)
     else:  # the client's address is kept, except where replies could not find their way back
-        rules = [f'iifname "svbr*" {mark}', f"fib saddr type local {mark}"]
+        rules += [f'iifname "svbr*" {mark}', f"fib saddr type local {mark}"]
     if port.backends:
-        targets = ", ".join(f"{slot} : {b.address} . {b.port}" for slot, b in enumerate(port.backends))
-        rules.append(f"meta l4proto {port.protocol} dnat ip to numgen random mod {len(port.backends)} "
-                     f"map {{ {targets} }}")
+        rules.append(dnat_rule(port.protocol, port.backends))
     return rules
 
 
@@ -73,6 +96,9 @@ def snat_rules(prefix: str, plan: MeshPlan) -> list[str]:
     for masq in plan.masquerades:
         action = f"snat to {masq.source}" if masq.source else "masquerade"
         rules.append(f'oifname "{bridge_name(prefix, masq.network)}" meta mark & {MARK} == {MARK} {action}')
+    if plan.peers and plan.hop_source is not None:
+        rules.append(f"meta mark & {MARK} == {MARK} ip daddr {addresses(plan.peers)} ip dscp set cs1 "
+                     f"snat to {plan.hop_source}")
     return rules
 
 
@@ -88,7 +114,7 @@ def desired(prefix: str, plan: MeshPlan) -> Written:
     wanted = Written(chains={"mesh-pre": DISPATCH, "mesh-out": DISPATCH, "mesh-post": snat_rules(prefix, plan)})
     for port in plan.ports:
         chain = port_chain(port)
-        wanted.chains[chain] = port_rules(port)
+        wanted.chains[chain] = port_rules(port, plan.peers)
         wanted.ports[f"{port.protocol} . {port.published}"] = f"goto {chain}"
     return wanted
 

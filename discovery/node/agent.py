@@ -70,7 +70,9 @@ class HostSync:
             view = self._latest
             peers = self.desired_peers(view) if view is not None else {}
             # off the loop: a pass over the published services' endpoints
-            mesh = await asyncio.to_thread(mesh_plan, view, self.node) if view is not None else None
+            # node hops need marks only the nftables mesh writes (lb/mesh.py)
+            hops = self.mesh_backend == "nftables"
+            mesh = await asyncio.to_thread(mesh_plan, view, self.node, hops) if view is not None else None
             if view is None or (dict(view.networks) == self._applied and peers == self._peers_applied
                                 and mesh == self._mesh_applied):
                 if self._docker_due and self._applied:
@@ -146,6 +148,8 @@ class HostSync:
                 mesh_nftables.remove(self.prefix)
             mesh_ipvs.sync(self.prefix, mesh)
         elif self.mesh_backend == "nftables":
+            if mesh.hop_source is not None:
+                _no_redirects(mesh.hop_source)
             if first:
                 mesh_iptables.remove(self.prefix)
                 mesh_ipvs.remove(self.prefix)
@@ -231,6 +235,26 @@ def default_advertise_addr() -> str | None:
             log.warning("no default route: this node advertises no address; give --advertise-addr")
             return None
         return probe.getsockname()[0]
+
+
+def _no_redirects(address) -> None:
+    """Node hops leave by the interface they came in by: the kernel would tell an on-link
+    client, with an ICMP redirect, to reach the hop's node directly, and the client would
+    then send to that node what it meant for this one. No redirects from this netns."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = ipr.get_addr(address=str(address))
+        names = [link.get_attr("IFLA_IFNAME") for found_addr in found for link in ipr.get_links(found_addr["index"])]
+    for name in ("all", *names):
+        path = Path(f"/proc/sys/net/ipv4/conf/{name}/send_redirects")
+        try:
+            if path.read_text().strip() != "0":
+                path.write_text("0\n")
+        except OSError as exc:
+            log.warning("cannot turn ICMP redirects off: clients on the underlay's subnet may be sent to another "
+                        "node for this one's published ports error=%s fix=%r", exc,
+                        f"sysctl -w net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.{name}.send_redirects=0")
 
 
 def _enable_forwarding() -> None:

@@ -78,3 +78,33 @@ def test_rules_mark_for_masquerade_by_mode():
     dnat = [r for r in nat if "DNAT" in str(r["target"])]
     assert [r["target"]["DNAT"]["to-destination"] for r in dnat] == ["10.5.0.10:80", "10.5.0.11:80"]
     assert dnat[0]["statistic"]["probability"] == "0.50000000000" and "statistic" not in dnat[1]
+
+
+def test_node_hops_reach_remote_tasks_by_their_nodes_published_port_one_backend_per_task():
+    tasks = [*TASKS, _task("w4", "ov", "10.5.0.13", "n2"), _task("w5", "ov", "10.5.0.14", "n3")]
+    plan = mesh_plan(_view([WEB], tasks), "n3", node_hops=True)
+    tcp = plan.by_key()[(8080, "tcp")]
+    assert tcp.hops and [(str(b.address), b.port, b.network) for b in tcp.backends] == [
+        ("10.5.0.14", 80, "ov"), ("192.0.2.1", 8080, "@node"), ("192.0.2.2", 8080, "@node"),
+        ("192.0.2.2", 8080, "@node")], "n2 runs two healthy tasks: two slots, so each task gets a fifth"
+    assert [str(b.address) for b in tcp.local] == ["10.5.0.14"], "a hop that lands here: our own task"
+    assert plan.peers == (ip("192.0.2.1"), ip("192.0.2.2")) and plan.hop_source == ip("192.0.2.3")
+    udp = plan.by_key()[(5353, "udp")]
+    assert not udp.hops and all(b.network == "ov" for b in udp.backends), "source=keep stays on the overlay"
+    assert mesh_plan(_view([WEB], tasks), "n3") != plan, "without hops (iptables, IPVS): the overlay"
+    assert mesh_plan(_view([WEB], list(reversed(tasks))), "n3", node_hops=True) == plan, "order-free"
+
+
+def test_nftables_port_rules_serve_hops_locally_and_mark_them_where_they_leave():
+    from lb import mesh_nftables
+    plan = mesh_plan(_view([WEB], TASKS), "n1", node_hops=True)
+    rules = mesh_nftables.port_rules(plan.by_key()[(8080, "tcp")], plan.peers)
+    assert rules[0] == ("ip saddr { 192.0.2.2, 192.0.2.3 } ip dscp cs1 ip dscp set cs0 "
+                        "meta l4proto tcp dnat ip to numgen random mod 1 map { 0 : 10.5.0.10 . 80 }"), rules
+    assert rules[-1].endswith("map { 0 : 10.5.0.10 . 80, 1 : 192.0.2.2 . 8080 }"), rules
+    bare = mesh_plan(_view([WEB], TASKS), "n3", node_hops=True)
+    assert mesh_nftables.port_rules(bare.by_key()[(8080, "tcp")], bare.peers)[0].endswith("cs0 accept"), \
+        "no task here: a hop is refused by our own closed port, never sent on"
+    post = mesh_nftables.snat_rules("/t", plan)
+    assert post[-1] == ("meta mark & 0x00080000 == 0x00080000 ip daddr { 192.0.2.2, 192.0.2.3 } "
+                        "ip dscp set cs1 snat to 192.0.2.1"), post
