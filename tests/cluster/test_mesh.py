@@ -153,6 +153,10 @@ def test_hairpin_from_a_sandbox_and_from_a_host(cluster):
         assert set(eval(out)) == {"w1", "w2"}, (host, out)
     out = cluster.on("h3", "python3", "-c", CONNECT, cluster.addresses["h3"], "8080", "20")
     assert set(eval(out)) == {"w1", "w2"}, ("from h3 itself", out)
+    # a client on a peer node (its source: a node's own address) is a client like any other, not
+    # a node hop to be served by h1's own task alone
+    out = cluster.on("h3", "python3", "-c", CONNECT, cluster.addresses["h1"], "8080", "40")
+    assert set(eval(out)) == {"w1", "w2"}, ("from h3 to h1", out)
 
 
 def test_only_what_is_published_is_reachable_from_the_underlay(cluster):
