@@ -46,14 +46,18 @@ class GcPauses:
             gc.callbacks.remove(self._callback)
 
 
-SWITCH_INTERVAL = 0.001  # seconds a worker thread may hold the GIL while the event loop waits for it
+SWITCH_INTERVAL = 0.0005  # seconds a worker thread may hold the GIL while the event loop waits for it
 
 
 def share_the_gil() -> None:
     """Worker threads (snapshots, host syncs, the LB's nft calls) hold the GIL up to the
     switch interval (5 ms by default) each time the event loop asks for it back; with a few
-    of them busy after a burst of changes, a query waited ~25 ms (measured). 1 ms bounds that
-    at a small cost in switches."""
+    of them busy after a burst of changes, a query waited ~25 ms (measured). The loop may
+    wait its turn behind each of them (the GIL goes to whichever waiter the OS wakes), so the
+    interval is short: at 1 ms the longest wait in the scale bench's 1 ms query loop was
+    2.7-10 ms (median 5.8 over ten runs), most of it at the end of a burst, when the LB's four
+    workers are busy; at 0.5 ms 2.7-8 ms (median 4.7 over six), the 8 ms in a run whose
+    control (a trivial server, bench/scale_bench.py) waited 6.6 ms at the same moment."""
     import sys
     sys.setswitchinterval(SWITCH_INTERVAL)
 
