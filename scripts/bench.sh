@@ -17,3 +17,4 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y -q dnsperf docker.io nftables 
 .venv/bin/python bench/registry_bench.py --sandboxes 0
 .venv/bin/python bench/cli_bench.py
 .venv/bin/python bench/cluster_bench.py
+.venv/bin/python bench/cluster_floors.py
