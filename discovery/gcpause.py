@@ -55,8 +55,8 @@ def share_the_gil() -> None:
     of them busy after a burst of changes, a query waited ~25 ms (measured). The loop may
     wait its turn behind each of them (the GIL goes to whichever waiter the OS wakes), so the
     interval is short: at 1 ms the longest wait in the scale bench's 1 ms query loop was
-    2.7-10 ms (median 5.8 over ten runs), most of it at the end of a burst, when the LB's four
-    workers are busy; at 0.5 ms 2.7-8 ms (median 4.7 over six), the 8 ms in a run whose
+    2.7-10 ms (median 5.9 over ten runs), most of it at the end of a burst, when the LB's four
+    workers are busy; at 0.5 ms 2.7-8 ms (median 5.0 over seven), the 8 ms in a run whose
     control (a trivial server, bench/scale_bench.py) waited 6.6 ms at the same moment."""
     import sys
     sys.setswitchinterval(SWITCH_INTERVAL)
