@@ -157,6 +157,11 @@ def test_hairpin_from_a_sandbox_and_from_a_host(cluster):
     # a node hop to be served by h1's own task alone
     out = cluster.on("h3", "python3", "-c", CONNECT, cluster.addresses["h1"], "8080", "40")
     assert set(eval(out)) == {"w1", "w2"}, ("from h3 to h1", out)
+    if expected_lb_backend() == "nftables":  # node hops leave by the interface they came in by
+        for host in HOSTS:
+            for conf in ("all", "eth0"):  # the kernel sends them if either says so; a new device says 1
+                assert cluster.on(host, "cat", f"/proc/sys/net/ipv4/conf/{conf}/send_redirects").strip() == "0", \
+                    f"{host} would send ICMP redirects to on-link clients ({conf})"
 
 
 def test_only_what_is_published_is_reachable_from_the_underlay(cluster):
