@@ -237,6 +237,18 @@ def default_advertise_addr() -> str | None:
         return probe.getsockname()[0]
 
 
+def _set_sysctl(name: str, value: str) -> OSError | None:
+    """``net.ipv4.…`` (dotted) set to ``value`` in this netns unless it already is; the
+    error if /proc/sys is read-only here (in a container: dockerd or the host must do it)."""
+    path = Path("/proc/sys", *name.split("."))
+    try:
+        if path.read_text().strip() != value:
+            path.write_text(f"{value}\n")
+    except OSError as exc:
+        return exc
+    return None
+
+
 def _no_redirects(address) -> None:
     """Node hops leave by the interface they came in by: the kernel would tell an on-link
     client, with an ICMP redirect, to reach the hop's node directly, and the client would
@@ -247,11 +259,8 @@ def _no_redirects(address) -> None:
         found = ipr.get_addr(address=str(address))
         names = [link.get_attr("IFLA_IFNAME") for found_addr in found for link in ipr.get_links(found_addr["index"])]
     for name in ("all", *names):
-        path = Path(f"/proc/sys/net/ipv4/conf/{name}/send_redirects")
-        try:
-            if path.read_text().strip() != "0":
-                path.write_text("0\n")
-        except OSError as exc:
+        exc = _set_sysctl(f"net.ipv4.conf.{name}.send_redirects", "0")
+        if exc is not None:
             log.warning("cannot turn ICMP redirects off: clients on the underlay's subnet may be sent to another "
                         "node for this one's published ports error=%s fix=%r", exc,
                         f"sysctl -w net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.{name}.send_redirects=0")
@@ -259,11 +268,8 @@ def _no_redirects(address) -> None:
 
 def _enable_forwarding() -> None:
     # Sandboxes on non-internal networks reach beyond the host through it, as with Docker.
-    path = Path("/proc/sys/net/ipv4/ip_forward")
-    try:
-        if path.read_text().strip() != "1":
-            path.write_text("1\n")
-    except OSError as exc:  # in a container /proc/sys is read-only: dockerd or the host must do it
+    exc = _set_sysctl("net.ipv4.ip_forward", "1")
+    if exc is not None:
         log.warning("cannot enable ip_forward: sandboxes cannot reach beyond this host error=%s "
                     "fix=%r", exc, "sysctl -w net.ipv4.ip_forward=1 on the host")
 
